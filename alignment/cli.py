@@ -1,0 +1,151 @@
+"""`alignment <stage> <recipe.yaml> [key.sub=value ...]`: one subcommand per pipeline stage.
+
+Works as `alignment ...`, `python -m alignment ...` and `accelerate launch [...] -m alignment ...`.
+A user mistake (UserError) is printed as one `error:` line and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+
+from alignment.errors import UserError
+
+
+@dataclass(frozen=True)
+class Stage:
+    help: str
+    schema: str  # "module:Class" of the recipe schema
+    runner: str  # "module:function" taking the validated recipe
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage("supervised fine-tuning on demonstrations", "alignment.config.sft:SFTRecipe", "alignment.stages.sft:run"),
+    "rm": Stage("train a reward model on preference pairs", "alignment.config.rm:RMRecipe", "alignment.stages.rm:run"),
+    "ppo": Stage("PPO against a reward, with vLLM rollouts", "alignment.config.ppo:PPORecipe", "alignment.stages.ppo:run"),
+    "eval": Stage("compare policies on held-out prompts", "alignment.config.eval:EvalRecipe", "alignment.stages.eval:run"),
+}
+
+LABEL_ACTIONS: dict[str, Stage] = {
+    "export": Stage("sample completions and export them for labelling", "alignment.config.label:ExportRecipe", "reward.labeling.export:run"),
+    "import": Stage("read labelled files back as a preference dataset", "alignment.config.label:ImportRecipe", "reward.labeling.importer:run"),
+    "auto": Stage("label with a rule, a reward model or an LLM judge", "alignment.config.label:AutoLabelRecipe", "reward.labeling.auto:run"),
+}
+
+
+def resolve(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_stage_recipe(stage: Stage, recipe_path: str, overrides: list[str], check_paths: bool = True):
+    from alignment.config.schema import load_recipe
+
+    return load_recipe(recipe_path, resolve(stage.schema), overrides, check_paths=check_paths)
+
+
+def _add_recipe_command(sub, name: str, stage: Stage) -> None:
+    p = sub.add_parser(name, help=stage.help, description=f"{stage.help}. Override recipe keys as key.sub=value.")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=1e-5")
+    p.add_argument("--help-recipe", action="store_true", help="list every recipe key with its default and meaning")
+    p.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
+    p.set_defaults(stage=stage)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignment", description="RLHF pipeline: SFT -> reward model -> PPO -> evaluation.")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    tiny = sub.add_parser("tiny", help="build the built-in tiny model, tokenizer and datasets (no hub needed)")
+    tiny.add_argument("--out", default="outputs/tiny", help="output directory (default: outputs/tiny)")
+
+    for name, stage in STAGES.items():
+        _add_recipe_command(sub, name, stage)
+
+    label = sub.add_parser("label", help="preference labelling: export samples, import labels, automatic labelers")
+    label_sub = label.add_subparsers(dest="action", metavar="<action>", required=True)
+    for name, stage in LABEL_ACTIONS.items():
+        _add_recipe_command(label_sub, name, stage)
+
+    rollout = sub.add_parser("rollout", help="rollout servers (vLLM behind HTTP) for dedicated generation devices")
+    rollout_sub = rollout.add_subparsers(dest="action", metavar="<action>", required=True)
+    serve = rollout_sub.add_parser("serve", help="serve a model for generation and weight sync over HTTP")
+    serve.add_argument("--model", required=True, help="HF checkpoint directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8100)
+    serve.add_argument("--devices", default=None, help="GPU ids reserved for this server (sets CUDA_VISIBLE_DEVICES)")
+    serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--max-model-len", type=int, default=512)
+    serve.add_argument("--seed", type=int, default=0)
+
+    validate = sub.add_parser("validate", help="validate recipes without running them (stage read from each recipe's `stage:` key)")
+    validate.add_argument("recipes", nargs="+")
+    validate.add_argument("--no-path-check", action="store_true", help="skip checks that local paths exist")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "tiny":
+        from alignment.tiny import build_tiny
+
+        paths = build_tiny(args.out)
+        print(f"tiny default written to {paths.root}")
+        return
+    if args.command == "rollout":
+        if args.devices is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
+        from rollout.server import serve
+
+        serve(model=args.model, host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed)
+        return
+    if args.command == "validate":
+        _validate(args.recipes, check_paths=not args.no_path_check)
+        return
+    stage: Stage = args.stage
+    if args.help_recipe:
+        from alignment.config.schema import describe_schema
+
+        print("\n".join(describe_schema(resolve(stage.schema))))
+        return
+    if not args.recipe:
+        raise UserError(f"give a recipe file: alignment {args.command} <recipe.yaml> [key=value ...]")
+    recipe = load_stage_recipe(stage, args.recipe, args.overrides)
+    if args.validate_only:
+        print(f"{args.recipe}: ok")
+        return
+    resolve(stage.runner)(recipe)
+
+
+def _validate(paths: list[str], check_paths: bool) -> None:
+    import yaml
+
+    for path in paths:
+        try:
+            with open(path) as fh:
+                name = (yaml.safe_load(fh) or {}).get("stage")
+        except (OSError, yaml.YAMLError, AttributeError) as exc:
+            raise UserError(f"{path}: cannot read recipe ({exc})") from None
+        stage = STAGES.get(name) or LABEL_ACTIONS.get(str(name).removeprefix("label_"))
+        if stage is None:
+            raise UserError(f"{path}: key 'stage' must name a stage ({', '.join(STAGES)}, label_export, label_import, label_auto); got {name!r}")
+        load_stage_recipe(stage, path, [], check_paths=check_paths)
+        print(f"{path}: ok")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except UserError as exc:
+        if os.environ.get("RANK", "0") == "0":  # under multi-process launch, say it once
+            for line in str(exc).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,92 @@
+"""Recipe sections shared by several stages: model, LoRA, data, cleaning, training, output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from alignment.config.schema import option, required
+
+recipe = dataclass(kw_only=True)
+
+
+@recipe
+class LoraSection:
+    r: int = option(8, help="LoRA rank", min=1)
+    alpha: int = option(16, help="LoRA alpha (scale = alpha / r)", min=1)
+    dropout: float = option(0.05, help="dropout on the LoRA branch", min=0.0, max=1.0)
+    target_modules: str | list[str] = option("all-linear", help="module names to adapt, or 'all-linear'")
+
+
+@recipe
+class ModelSection:
+    name_or_path: str = required(help="local checkpoint directory or hub id", path="model")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="weights dtype for training (fp32 on CPU)")
+    lora: LoraSection | None = option(None, help="train LoRA adapters instead of all weights")
+    trust_remote_code: bool = option(False, help="allow model code from the hub")
+
+
+@recipe
+class CleanSection:
+    strip_html: bool = option(False, help="remove HTML tags from text fields")
+    strip_control_chars: bool = option(True, help="remove control characters (keeps newlines and tabs)")
+    normalize_whitespace: bool = option(True, help="collapse runs of spaces and trim each text field")
+    deduplicate: bool = option(True, help="drop exact duplicate rows")
+    max_tokens: int | None = option(None, help="drop rows whose longest text field exceeds this many tokens", min=1)
+
+
+@recipe
+class DataSource:
+    path: str = required(help="hub dataset id, or a local .jsonl/.json/.parquet/.csv file or directory", path="data")
+    split: str = option("train", help="split to read (hub datasets)")
+    name: str | None = option(None, help="hub dataset configuration name")
+    weight: float = option(1.0, help="mixture weight: rows sampled in proportion to it", min=0.0)
+    max_rows: int | None = option(None, help="read at most this many rows", min=1)
+
+
+@recipe
+class DataSection:
+    sources: list[DataSource] = required(help="one or more datasets, mixed by weight")
+    eval_sources: list[DataSource] = option([], help="held-out datasets; if empty, eval_fraction of the mixture is held out")
+    eval_fraction: float = option(0.05, help="share of rows held out for evaluation (deterministic)", min=0.0, max=0.5)
+    seed: int = option(0, help="seed of the mixture sampling and the train/eval split")
+    clean: CleanSection = option(CleanSection(), help="cleaning and filtering")
+    on_malformed: Literal["error", "skip"] = option("error", help="a malformed row stops the run, or is skipped and counted")
+
+
+@recipe
+class TrainSection:
+    learning_rate: float = option(1e-4, help="peak learning rate", min=0.0)
+    num_epochs: float = option(1.0, help="passes over the training data", min=0.0)
+    max_steps: int = option(-1, help="stop after this many optimizer steps (-1: use num_epochs)", min=-1)
+    per_device_batch_size: int = option(8, help="micro-batch size per process", min=1)
+    grad_accum_steps: int = option(1, help="micro-batches per optimizer step", min=1)
+    max_length: int = option(512, help="maximum tokens per sequence", min=8)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = option("cosine", help="schedule after warmup")
+    warmup_ratio: float = option(0.0, help="share of steps spent warming up", min=0.0, max=1.0)
+    weight_decay: float = option(0.0, help="AdamW weight decay", min=0.0)
+    max_grad_norm: float = option(1.0, help="gradient clipping norm", min=0.0)
+    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
+    seed: int = option(0, help="training seed")
+    eval_steps: int | None = option(None, help="evaluate every N steps (default: once at the end)", min=1)
+    early_stopping_patience: int | None = option(None, help="stop after N evaluations without eval-loss improvement", min=1)
+
+
+@recipe
+class OutputSection:
+    dir: str = required(help="where checkpoints, metrics and the final model go")
+    save_steps: int = option(100, help="checkpoint every N optimizer steps", min=1)
+    save_total_limit: int = option(2, help="keep the last K checkpoints", min=1)
+    logging_steps: int = option(10, help="log metrics every N steps", min=1)
+    resume: bool = option(True, help="resume from the latest complete checkpoint in dir if there is one")
+
+
+@recipe
+class GoldEvalSection:
+    """Generate on held-out prompts and score with a rule (the task's gold metric)."""
+
+    prompts: str = required(help="held-out prompt dataset (same formats as PPO prompts)", path="data")
+    reward_function: str = option("alignment.tiny.task:gold_reward", help="'module:function' or 'file.py:function' (TRL reward signature)")
+    num_prompts: int = option(128, help="evaluate on at most this many prompts", min=1)
+    max_new_tokens: int = option(32, help="generation budget per answer", min=1)
+    temperature: float = option(0.0, help="0 = greedy", min=0.0)

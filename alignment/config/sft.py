@@ -1,0 +1,28 @@
+"""Recipe schema of the SFT stage (`alignment sft`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from alignment.config.schema import option, required
+from alignment.config.sections import DataSection, GoldEvalSection, ModelSection, OutputSection, TrainSection, recipe
+
+
+@recipe
+class SFTOptions:
+    loss_on: Literal["completion", "assistant", "all"] = option(
+        "completion", help="tokens that carry loss: the completion only, assistant turns only, or every token"
+    )
+    packing: bool = option(False, help="pack several examples into each sequence")
+    merge_lora_on_export: bool = option(True, help="merge LoRA adapters into the base weights in the final export")
+
+
+@recipe
+class SFTRecipe:
+    stage: Literal["sft"] = option("sft", help="stage this recipe is for")
+    model: ModelSection = required(help="policy to fine-tune")
+    data: DataSection = required(help="demonstrations: text, prompt/completion or messages")
+    train: TrainSection = option(TrainSection(), help="optimisation")
+    output: OutputSection = required(help="outputs")
+    sft: SFTOptions = option(SFTOptions(), help="SFT-specific options")
+    gold_eval: GoldEvalSection | None = option(None, help="score generations on held-out prompts with a rule at the end")

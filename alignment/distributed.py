@@ -1,0 +1,32 @@
+"""Rank and world size as torch.distributed sees them.
+
+Under `accelerate launch` with DeepSpeed on CPU, `Accelerator().num_processes` is 1 on every rank while
+torch.distributed really has a world of N (see shared/ENVIRONMENT.md), so all our code asks here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
