@@ -16,3 +16,17 @@ def tiny_paths(tmp_path_factory):
     from alignment.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_paths):
+    """One colocated vLLM engine on the tiny base model for the whole run (start-up costs ~40 s).
+
+    Tests that need particular weights must sync them first (`engine.update_weights`): earlier tests
+    may have left other weights loaded.
+    """
+    from rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(str(tiny_paths.base), dtype="float32", seed=0, max_model_len=256)
+    yield engine
+    engine.close()
