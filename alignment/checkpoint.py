@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,12 +52,16 @@ def atomic_directory(target: str | Path):
         os.replace(tmp, target)
 
 
-def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
-    """Write a checkpoint with `write(tmp_dir)`, publish it atomically, then prune all but the last `keep_last`."""
-    target = Path(root) / f"checkpoint-{step}"
-    with atomic_directory(target) as tmp:
-        write(tmp)
-    for stale in list_checkpoints(root)[:-keep_last]:
+def publish(staging: Path, target: Path, keep_last: int) -> Path:
+    """Rename a fully written staging directory to `target` (a `checkpoint-<step>`), then keep the last `keep_last`.
+
+    For writers spread over several processes: each writes into `staging`, then (after a barrier) one
+    process publishes. Single-process writers can use `atomic_directory` instead.
+    """
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+    for stale in list_checkpoints(target.parent)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
     return target
 

@@ -1,0 +1,127 @@
+"""Recipe schema of the PPO stage (`alignment ppo`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from alignment.config.schema import option, required
+from alignment.config.sections import DataSection, GoldEvalSection, ModelSection, OutputSection, recipe
+
+# Must equal the keys of alignment.ppo.ADVANTAGE_ESTIMATORS (a test checks); kept literal so validation imports no torch.
+ADVANTAGE_CHOICES = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"]
+
+
+@recipe
+class RewardSource:
+    """One reward term; the total reward is the weighted sum of all terms."""
+
+    kind: Literal["model", "function", "http"] = required(help="a reward-model checkpoint, a Python function, or an HTTP endpoint")
+    path: str | None = option(None, help="kind=model: reward-model checkpoint directory", path="model")
+    function: str | None = option(None, help="kind=function: 'module:function' or 'file.py:function' (TRL reward signature)")
+    url: str | None = option(None, help="kind=http: endpoint that takes {prompts, completions, ...} and returns {rewards}")
+    weight: float = option(1.0, help="weight of this term in the total reward")
+    normalize: bool = option(True, help="kind=model: standardise scores with the RM's saved reward_stats.json")
+    timeout_s: float = option(30.0, help="kind=http: seconds per request", min=0.1)
+    retries: int = option(3, help="kind=http: attempts before giving up", min=1)
+
+    def check(self, key: str) -> list[str]:
+        needed = {"model": "path", "function": "function", "http": "url"}[self.kind]
+        return [] if getattr(self, needed) else [f"{key}.{needed}: required when kind is '{self.kind}'"]
+
+
+@recipe
+class SamplingSection:
+    samples_per_prompt: int = option(4, help="completions per prompt (the group size of GRPO/RLOO)", min=1)
+    temperature: float = option(1.0, help="sampling temperature", min=0.0)
+    top_p: float = option(1.0, help="nucleus sampling", min=0.0, max=1.0)
+    top_k: int = option(-1, help="top-k sampling (-1: off)", min=-1)
+    max_new_tokens: int = option(32, help="completion budget; longer answers are truncated", min=1)
+    stop: list[str] = option([], help="extra stop strings (EOS always stops)")
+
+
+@recipe
+class RolloutSection:
+    engine: Literal["vllm", "remote", "hf"] = option("vllm", help="vllm: colocated engine; remote: rollout servers; hf: transformers generate (slow)")
+    servers: list[str] = option([], help="engine=remote: URLs of running `alignment rollout serve` servers")
+    launch_servers: int = option(0, help="engine=remote: start this many local servers (devices below) instead of using `servers`", min=0)
+    server_devices: list[str] = option([], help="engine=remote with launch_servers: CUDA_VISIBLE_DEVICES for each server, e.g. ['0,1', '2,3']")
+    timeout_s: float = option(120.0, help="a rollout request not answered by then is an error", min=1.0)
+    weight_sync: Literal["shm", "nccl", "cuda_ipc"] = option("shm", help="shm: shared-memory files (CPU/same host); nccl: vLLM weight transfer (dedicated GPUs); cuda_ipc: colocated GPU")
+    max_model_len: int = option(512, help="vLLM context length", min=16)
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="vLLM weights dtype; match the trainer for exact logprobs")
+    sampling: SamplingSection = option(SamplingSection(), help="sampling parameters")
+
+
+@recipe
+class KLSection:
+    estimator: Literal["k1", "k2", "k3"] = option("k1", help="KL estimator (Schulman): k1 = log-ratio, k2 = squared/2, k3 = unbiased non-negative")
+    placement: Literal["reward", "loss"] = option("reward", help="subtract KL from the per-token reward, or add it to the policy loss")
+    coef: float = option(0.05, help="initial KL coefficient", min=0.0)
+    target: float | None = option(None, help="if set, adapt the coefficient towards this KL per sequence (Ziegler et al.)", min=0.0)
+    horizon: int = option(10000, help="adaptive controller horizon (samples)", min=1)
+
+
+@recipe
+class PPOAlgorithmSection:
+    advantage: ADVANTAGE_CHOICES = option("gae", help="gae needs a value model; the others are critic-free")
+    gamma: float = option(1.0, help="discount", min=0.0, max=1.0)
+    lam: float = option(0.95, help="GAE lambda", min=0.0, max=1.0)
+    epochs: int = option(1, help="PPO epochs over each batch of rollouts", min=1)
+    minibatches: int = option(1, help="optimizer steps per epoch (each over a slice of the rollouts)", min=1)
+    micro_batch_size: int = option(16, help="sequences per forward/backward pass", min=1)
+    clip_low: float = option(0.2, help="ratio lower clip: 1 - clip_low", min=0.0)
+    clip_high: float = option(0.2, help="ratio upper clip: 1 + clip_high", min=0.0)
+    dual_clip: float | None = option(None, help="dual-clip constant c > 1 for negative advantages (Ye et al. 2020)", min=1.0)
+    entropy_coef: float = option(0.0, help="entropy bonus", min=0.0)
+    loss_aggregation: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = option("token_mean", help="how per-token losses are reduced over the whole accumulation window")
+    value_clip: float | None = option(0.5, help="value clipping range (None: off)", min=0.0)
+    vf_coef: float = option(0.5, help="value-loss weight", min=0.0)
+    critic_warmup_steps: int = option(0, help="steps that train only the critic (actor frozen)", min=0)
+    reward_clip: float | None = option(10.0, help="clip the (normalised) score to [-c, c]", min=0.0)
+    truncation_penalty: float | None = option(None, help="added to the score of answers cut at max_new_tokens (no EOS)")
+    tis_cap: float | None = option(2.0, help="truncated importance-sampling cap for the sampler/trainer mismatch (None: off)", min=1.0)
+    kl: KLSection = option(KLSection(), help="KL leash to the reference policy")
+
+
+@recipe
+class PPOTrainSection:
+    steps: int = required(help="PPO steps (one batch of rollouts each)", min=1)
+    prompts_per_step: int = option(16, help="prompts per step, over all processes", min=1)
+    learning_rate: float = option(1e-5, help="actor learning rate", min=0.0)
+    critic_learning_rate: float = option(5e-5, help="critic learning rate", min=0.0)
+    weight_decay: float = option(0.0, help="AdamW weight decay", min=0.0)
+    max_grad_norm: float = option(1.0, help="gradient clipping norm", min=0.0)
+    warmup_steps: int = option(0, help="linear warmup steps", min=0)
+    seed: int = option(0, help="seed of prompt order, sampling and initialisation")
+    max_bad_steps: int = option(3, help="stop after this many consecutive steps with NaN/inf losses or rewards", min=1)
+
+
+@recipe
+class PPORecipe:
+    stage: Literal["ppo"] = option("ppo", help="stage this recipe is for")
+    policy: ModelSection = required(help="policy to optimise (usually the SFT checkpoint)")
+    reference: ModelSection | None = option(None, help="KL reference (default: the policy's initial weights)")
+    value: ModelSection | None = option(None, help="critic initialisation (usually the RM or SFT checkpoint); needed by advantage: gae")
+    rewards: list[RewardSource] = required(help="reward terms, summed with their weights")
+    prompts: DataSection = required(help="PPO prompts: `prompt` as text or messages; other columns go to reward functions")
+    rollout: RolloutSection = option(RolloutSection(), help="generation engine and weight sync")
+    algorithm: PPOAlgorithmSection = option(PPOAlgorithmSection(), help="PPO algorithm")
+    train: PPOTrainSection = required(help="optimisation")
+    output: OutputSection = required(help="outputs")
+    gold_metric: str | None = option(None, help="rule function logged every step as ppo/gold (not optimised)")
+    eval: GoldEvalSection | None = option(None, help="periodic greedy evaluation on held-out prompts")
+    eval_every: int = option(10, help="evaluate every N steps (and at the end)", min=1)
+
+    def check(self) -> list[str]:
+        errors = [e for i, r in enumerate(self.rewards) for e in r.check(f"rewards.{i}")]
+        if self.algorithm.advantage == "gae" and self.value is None:
+            errors.append("value: required when algorithm.advantage is 'gae' (or choose a critic-free estimator such as grpo)")
+        if self.algorithm.advantage in ("grpo", "dr_grpo", "rloo", "reinforce++_baseline") and self.rollout.sampling.samples_per_prompt < 2:
+            errors.append(f"rollout.sampling.samples_per_prompt: {self.algorithm.advantage} needs groups of at least 2")
+        if self.rollout.engine == "remote" and not (self.rollout.servers or self.rollout.launch_servers):
+            errors.append("rollout.servers: give server URLs or rollout.launch_servers when rollout.engine is 'remote'")
+        if self.algorithm.kl.target is not None and self.algorithm.kl.target <= 0:
+            errors.append(f"algorithm.kl.target: must be > 0 for the adaptive controller, got {self.algorithm.kl.target}")
+        if not self.rewards:
+            errors.append("rewards: give at least one reward term")
+        return errors

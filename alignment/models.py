@@ -1,0 +1,50 @@
+"""Loading models and tokenizers from a local checkpoint or a hub id, and rendering prompts to token ids."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from alignment.config.sections import ModelSection
+from alignment.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise UserError(f"cannot load a tokenizer from '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:  # many base models ship without one; padding is always masked out
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(section: ModelSection) -> torch.nn.Module:
+    return _load(AutoModelForCausalLM, section)
+
+
+def load_value_model(section: ModelSection) -> torch.nn.Module:
+    """A 1-output sequence-classification model: an RM checkpoint as is, or a fresh head on an LM checkpoint."""
+    model = _load(AutoModelForSequenceClassification, section, num_labels=1)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def _load(auto_cls, section: ModelSection, **kwargs) -> torch.nn.Module:
+    try:
+        return auto_cls.from_pretrained(
+            section.name_or_path, dtype=DTYPES[section.dtype], trust_remote_code=section.trust_remote_code, **kwargs
+        )
+    except OSError as exc:
+        raise UserError(f"cannot load model '{section.name_or_path}': {str(exc).splitlines()[0]}") from None
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt: chat-templated with the generation prompt for messages, plain for text."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,93 @@
+"""Typed containers for one PPO step's rollouts, and their packing into model inputs.
+
+Per-token fields are [B, T] over completion tokens, T = the longest completion of the batch, with
+`mask` 1 for real completion tokens (up to and including EOS) and 0 for padding. Model inputs are built
+per micro-batch: prompts left-padded to the micro-batch's longest prompt, completions right-padded to
+its longest completion, so sorting micro-batches by length keeps padding small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [b, P + T_mb]
+    attention_mask: torch.Tensor  # [b, P + T_mb]
+    position_ids: torch.Tensor  # [b, P + T_mb], 0 at each sequence's first real token (as vLLM numbers them)
+    completion_start: int  # P: index of the first completion token
+    completion_len: int  # T_mb: completion positions in this micro-batch (<= T of the batch)
+    indices: torch.Tensor  # [b] rows of the batch these inputs hold
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    finish_reasons: list[str]  # "stop" | "length"
+    prompt_rows: list[int]  # index of each sample's prompt in the prompt dataset
+    mask: torch.Tensor  # [B, T] float
+    sampler_logp: torch.Tensor  # [B, T] log-probs of the sampled tokens under the rollout engine
+    weight_version: int
+    # Filled in by scoring (all [B, T] except scores [B]):
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None  # policy entropy per token before the update (a diagnostic)
+
+    @classmethod
+    def from_samples(cls, samples: list, prompt_rows: list[int]) -> RolloutBatch:
+        """samples: rollout.Sample list; prompt_rows[i]: dataset row of samples[i]'s prompt."""
+        T = max(1, max(len(s.completion_ids) for s in samples))
+        mask = torch.zeros(len(samples), T)
+        sampler_logp = torch.zeros(len(samples), T)
+        for i, s in enumerate(samples):
+            n = len(s.completion_ids)
+            mask[i, :n] = 1.0
+            sampler_logp[i, :n] = torch.tensor(s.logprobs[:n], dtype=torch.float32)
+        versions = {s.weight_version for s in samples}
+        if len(versions) != 1:
+            raise RuntimeError(f"rollouts of one step came from several weight versions: {sorted(versions)}")
+        return cls(
+            prompt_ids=[list(s.prompt_ids) for s in samples],
+            completion_ids=[list(s.completion_ids) for s in samples],
+            finish_reasons=[s.finish_reason for s in samples],
+            prompt_rows=prompt_rows,
+            mask=mask,
+            sampler_logp=sampler_logp,
+            weight_version=versions.pop(),
+        )
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def micro_batches(self, indices: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
+        """Split `indices` into ceil(n / micro_batch_size) micro-batches of similar total length.
+
+        The count depends only on n, so every rank runs the same number of forwards (ZeRO-3 needs that).
+        """
+        lengths = torch.tensor([len(self.prompt_ids[i]) + len(self.completion_ids[i]) for i in indices.tolist()])
+        ordered = indices[torch.argsort(lengths, stable=True)]
+        return list(torch.split(ordered, micro_batch_size))
+
+    def model_inputs(self, indices: torch.Tensor, pad_id: int, device: torch.device) -> ModelInputs:
+        rows = indices.tolist()
+        P = max(len(self.prompt_ids[i]) for i in rows)
+        T = max(1, max(len(self.completion_ids[i]) for i in rows))
+        input_ids = torch.full((len(rows), P + T), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), P + T), dtype=torch.long)
+        for r, i in enumerate(rows):
+            p, c = self.prompt_ids[i], self.completion_ids[i]
+            input_ids[r, P - len(p) : P] = torch.tensor(p)
+            input_ids[r, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attention_mask[r, P - len(p) : P + len(c)] = 1
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return ModelInputs(
+            input_ids.to(device), attention_mask.to(device), position_ids.to(device), P, T, indices
+        )

@@ -1,0 +1,433 @@
+"""PPO stage: prompts -> rollouts (vLLM) -> rewards, reference log-probs, values -> advantages -> PPO epochs
+-> weight sync -> metrics, checkpoints, evaluation.
+
+Reads top to bottom: `run` sets everything up and loops over `ppo_step`. The math lives in
+`alignment.ppo` (pure functions); DeepSpeed set-up in `alignment.training`; generation and weight sync in
+`rollout`. Every rank trains on its own share of each step's prompts; rank 0 owns the rollout engine and
+broadcasts the samples. Collectives (ZeRO-3 gathers, all-reduces) are always reached by every rank in the
+same order: every data-dependent branch goes through `any_rank`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from alignment import checkpoint as ckpt
+from alignment.config.ppo import PPORecipe
+from alignment.config.schema import save_resolved
+from alignment.data import load_stage_data
+from alignment.errors import UserError
+from alignment.metrics import MetricsLogger
+from alignment.ppo import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    AdvantageParams,
+    FixedKLController,
+    aggregate_loss,
+    clip_scores,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    masked_mean,
+    penalize_truncated,
+    token_mult_prob_error,
+    truncated_is_weights,
+)
+from alignment.ppo.batch import RolloutBatch
+from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
+from alignment.models import load_causal_lm, load_tokenizer, load_value_model, render_prompt
+from alignment.training import (
+    ZeroSettings,
+    all_reduce_mean,
+    all_reduce_sum,
+    any_rank,
+    device,
+    finite,
+    init_distributed,
+    make_inference_model,
+    make_train_engine,
+)
+from reward.composite import CompositeReward
+from reward.functions import load_reward_function
+from rollout import SamplingConfig
+from rollout.weight_sync import named_tensors, sync_weights
+
+
+@dataclass
+class LoopState:
+    """Everything besides model/optimizer states that a resumed run needs to continue the same run."""
+
+    step: int = 0
+    data_epoch: int = 0
+    data_offset: int = 0
+    bad_steps: int = 0
+
+
+def run(recipe: PPORecipe) -> None:
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    zero = ZeroSettings.from_accelerate_env()
+    dev = device()
+    out = Path(recipe.output.dir)
+    algo, sampling_cfg, train = recipe.algorithm, recipe.rollout.sampling, recipe.train
+    estimator = ADVANTAGE_ESTIMATORS[algo.advantage]
+    _seed_everything(train.seed + rank)
+
+    # ---- sizes: every rank gets the same number of prompts, so ZeRO-3 collectives stay in lockstep
+    if train.prompts_per_step % world:
+        raise UserError(f"train.prompts_per_step ({train.prompts_per_step}) must be divisible by the number of processes ({world})")
+    group = sampling_cfg.samples_per_prompt
+    local_samples = train.prompts_per_step // world * group
+    if local_samples % algo.minibatches:
+        raise UserError(f"algorithm.minibatches ({algo.minibatches}) must divide the samples per process ({local_samples})")
+    micro_per_minibatch = math.ceil(local_samples // algo.minibatches / algo.micro_batch_size)
+
+    # ---- data
+    tokenizer = load_tokenizer(recipe.policy.name_or_path)
+    prompts = load_stage_data(recipe.prompts, "prompt", tokenizer).train
+    prompt_ids = [render_prompt(tokenizer, p) for p in prompts["prompt"]]
+    label_columns = [c for c in prompts.column_names if c != "prompt"]
+
+    # ---- models: policy and critic train under DeepSpeed; reference and reward models only score
+    def train_engine(model, lr):
+        return make_train_engine(
+            model, zero, lr, train.weight_decay, train.warmup_steps, algo.micro_batch_size, micro_per_minibatch, train.max_grad_norm
+        )
+
+    policy = train_engine(load_causal_lm(recipe.policy), train.learning_rate)
+    critic = None
+    if estimator.needs_critic:
+        critic = train_engine(TokenValueModel(load_value_model(recipe.value)), train.critic_learning_rate)
+    reference = make_inference_model(load_causal_lm(recipe.reference or recipe.policy), zero)
+    reward = CompositeReward.from_recipe(recipe.rewards, dev)
+    gold = load_reward_function(recipe.gold_metric) if recipe.gold_metric else None
+    kl_ctl = AdaptiveKLController(algo.kl.coef, algo.kl.target, algo.kl.horizon) if algo.kl.target is not None else FixedKLController(algo.kl.coef)
+    kl_fn = KL_ESTIMATORS[algo.kl.estimator]
+    temperature = sampling_cfg.temperature or 1.0  # greedy sampling scores tokens at T = 1
+
+    # ---- resume, rollout engine, outputs
+    state = LoopState()
+    latest = ckpt.latest_checkpoint(out / "checkpoints") if recipe.output.resume else None
+    if latest is not None:
+        state = _load_checkpoint(latest, policy, critic, kl_ctl, rank)
+    engine = _make_rollout_engine(recipe) if rank == 0 else None
+    if latest is not None:
+        sync_weights(engine, policy, version=state.step)  # the engine starts from the initial weights
+    if rank == 0:
+        save_resolved(recipe, out, "ppo")
+        ckpt.clean_partial(out / "checkpoints")
+        print(f"ppo: {len(prompts)} prompts, {world} process(es), ZeRO stage {zero.stage}, advantage {algo.advantage}"
+              + (f", resumed at step {state.step} from {latest}" if latest else ""), flush=True)
+    logger = MetricsLogger(out, console_every=recipe.output.logging_steps)
+    progress = tqdm(total=train.steps, initial=state.step, desc="ppo", disable=rank != 0)
+
+    while state.step < train.steps:
+        step = state.step
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        # ---- 1. rollouts: rank 0 generates for all ranks, each rank keeps its own prompts' samples
+        rows = _next_prompt_rows(state, len(prompts), train.prompts_per_step, train.seed)
+        samples = None
+        if rank == 0:
+            sampling = SamplingConfig(
+                n=group, temperature=sampling_cfg.temperature, top_p=sampling_cfg.top_p, top_k=sampling_cfg.top_k,
+                max_new_tokens=sampling_cfg.max_new_tokens, stop=sampling_cfg.stop, seed=train.seed * 1_000_003 + step * 10_007,
+            )
+            samples = engine.generate([prompt_ids[r] for r in rows], sampling)
+        samples = _broadcast(samples)
+        per_rank = train.prompts_per_step // world
+        local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
+        local_rows = [rows[s.prompt_index] for s in samples[local]]
+        batch = RolloutBatch.from_samples(samples[local], local_rows)
+        timings["generate"] = time.perf_counter() - t0
+
+        # ---- 2. scoring: rewards, log-probs before the update, reference log-probs, values
+        t1 = time.perf_counter()
+        texts = [s.text for s in samples[local]]
+        columns = {c: [prompts[r][c] for r in local_rows] for c in label_columns}
+        raw, parts = reward([prompts[r]["prompt"] for r in local_rows], texts, columns)
+        scores = raw.clone()
+        if algo.truncation_penalty is not None:
+            scores = penalize_truncated(scores, batch.finish_reasons, algo.truncation_penalty)
+        if algo.reward_clip is not None:
+            scores = clip_scores(scores, algo.reward_clip)
+        batch.scores = scores
+        _score_tokens(batch, policy, reference, critic, tokenizer.pad_token_id, dev, temperature, algo.micro_batch_size)
+        mask = batch.mask
+        kl_tokens = kl_fn(batch.old_logp, batch.ref_logp) * mask
+        timings["score"] = time.perf_counter() - t1
+
+        # ---- 3. advantages (KL in the reward: subtracted per token; in the loss: added to the policy loss)
+        kl_in_reward = kl_ctl.coef if algo.kl.placement == "reward" else 0.0
+        params = AdvantageParams(gamma=algo.gamma, lam=algo.lam, kl_coef=kl_in_reward, group_size=group)
+        batch.advantages, batch.returns = estimator.compute(batch.scores, kl_tokens, mask, batch.values, params)
+        healthy = finite(batch.scores, batch.advantages, batch.old_logp, batch.ref_logp)
+        if any_rank(not healthy):
+            state.bad_steps += 1
+            if rank == 0:
+                print(f"warning: step {step}: NaN/inf in rewards or advantages; step skipped ({state.bad_steps} in a row)", flush=True)
+            if state.bad_steps >= train.max_bad_steps:
+                raise UserError(f"stopping: {state.bad_steps} consecutive steps had NaN/inf rewards or losses (see metrics.jsonl)")
+            state.step += 1
+            progress.update(1)
+            continue
+
+        # ---- 4. PPO epochs over minibatches (one optimizer step each), micro-batched
+        t2 = time.perf_counter()
+        train_stats = _train_on_batch(batch, policy, critic, recipe, kl_ctl.coef, kl_fn, tokenizer.pad_token_id, dev,
+                                      temperature, train_actor=step >= algo.critic_warmup_steps, generator_seed=train.seed * 7919 + step)
+        if train_stats.pop("bad_micro_batches") > 0:
+            state.bad_steps += 1
+            if state.bad_steps >= train.max_bad_steps:
+                raise UserError(f"stopping: {state.bad_steps} consecutive steps had NaN/inf losses (see metrics.jsonl)")
+        else:
+            state.bad_steps = 0
+        timings["train"] = time.perf_counter() - t2
+
+        # ---- 5. weight sync: every rank takes part in the ZeRO-3 gather, rank 0 sends
+        t3 = time.perf_counter()
+        sync_stats = sync_weights(engine, policy, version=step + 1)
+        timings["sync"] = time.perf_counter() - t3
+
+        # ---- 6. metrics, KL controller, checkpoint, evaluation
+        seq_kl = float((kl_fn(batch.old_logp, batch.ref_logp) * mask).sum(1).mean())
+        metrics = {
+            "ppo/reward": float(raw.mean()),
+            "ppo/score": float(scores.mean()),
+            **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
+            "ppo/kl": seq_kl,
+            "ppo/kl_coef": kl_ctl.coef,
+            "ppo/entropy": float(masked_mean(batch.entropy, mask)),
+            "ppo/response_length": float(mask.sum(1).mean()),
+            "ppo/truncation_rate": sum(r == "length" for r in batch.finish_reasons) / len(batch),
+            "ppo/logprob_mismatch": token_mult_prob_error(batch.sampler_logp, batch.old_logp, mask),
+            **train_stats,
+        }
+        if gold is not None:
+            metrics["ppo/gold"] = float(np.mean(gold(prompts=[prompts[r]["prompt"] for r in local_rows], completions=texts, **columns)))
+        if critic is not None:
+            metrics["ppo/explained_variance"] = explained_variance(batch.values, batch.returns, mask)
+        metrics = all_reduce_mean(metrics)
+        kl_ctl.update(metrics["ppo/kl"], train.prompts_per_step * group)
+        timings["step"] = time.perf_counter() - t0
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        tokens = all_reduce_sum(float(mask.sum()))
+        metrics["perf/tokens_per_s"] = tokens / timings["step"]
+        if sync_stats is not None:
+            metrics["sync/seconds"], metrics["sync/bytes"] = sync_stats.seconds, float(sync_stats.bytes)
+
+        state.step += 1
+        if recipe.eval is not None and (state.step % recipe.eval_every == 0 or state.step == train.steps):
+            metrics.update(_evaluate(recipe, engine, tokenizer) if rank == 0 else {})
+        logger.log(state.step, metrics)
+        progress.update(1)
+        if state.step % recipe.output.save_steps == 0 or state.step == train.steps:
+            _save_checkpoint(out / "checkpoints", state, policy, critic, kl_ctl, rank, recipe.output.save_total_limit)
+
+    progress.close()
+    _export_policy(policy, tokenizer, out / "final", rank)
+    logger.close()
+    if engine is not None:
+        engine.close()
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+@torch.no_grad()
+def _score_tokens(batch, policy, reference, critic, pad_id, dev, temperature, micro_batch_size) -> None:
+    """Fill old_logp (policy before the update), ref_logp, values and the policy entropy, micro-batched."""
+    B, T = batch.mask.shape
+    batch.old_logp, batch.ref_logp, entropy = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
+    batch.values = torch.zeros(B, T) if critic is not None else None
+    for idx in batch.micro_batches(torch.arange(B), micro_batch_size):
+        inputs = batch.model_inputs(idx, pad_id, dev)
+        n = inputs.completion_len
+        logp, ent = policy_forward(policy, inputs, temperature, with_entropy=True)
+        batch.old_logp[idx, :n], entropy[idx, :n] = logp.cpu(), ent.cpu()
+        batch.ref_logp[idx, :n] = policy_forward(reference, inputs, temperature)[0].cpu()
+        if critic is not None:
+            batch.values[idx, :n] = critic_forward(critic, inputs).cpu()
+    batch.entropy = entropy
+    if batch.values is not None:
+        batch.values *= batch.mask
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, temperature, train_actor, generator_seed) -> dict:
+    """PPO epochs: each epoch shuffles this rank's samples into `minibatches` optimizer steps.
+
+    Losses are reduced over the whole accumulation window (all micro-batches of a minibatch, on all
+    ranks), so `engine.backward(loss, scale_wrt_gas=False)` sums exactly to the window's loss.
+    """
+    algo = recipe.algorithm
+    world = dist.get_world_size()
+    gen = torch.Generator().manual_seed(generator_seed)
+    stats: dict[str, list[float]] = {}
+    bad = 0
+    is_weights = (
+        truncated_is_weights(batch.old_logp, batch.sampler_logp, algo.tis_cap) if algo.tis_cap is not None else None
+    )
+    for _ in range(algo.epochs):
+        for minibatch in torch.randperm(len(batch), generator=gen).chunk(algo.minibatches):
+            window_tokens = all_reduce_sum(float(batch.mask[minibatch].sum())) / world
+            window_seqs = all_reduce_sum(float(len(minibatch))) / world
+            for idx in batch.micro_batches(minibatch, algo.micro_batch_size):
+                inputs = batch.model_inputs(idx, pad_id, dev)
+                n = inputs.completion_len
+                mask = batch.mask[idx, :n].to(dev)
+
+                def window_loss(per_token):
+                    return aggregate_loss(per_token, mask, algo.loss_aggregation, window_tokens, window_seqs)
+
+                if train_actor:
+                    logp, entropy = policy_forward(policy, inputs, temperature, with_entropy=algo.entropy_coef > 0)
+                    out = clipped_policy_loss(
+                        logp, batch.old_logp[idx, :n].to(dev), batch.advantages[idx, :n].to(dev), mask,
+                        algo.clip_low, algo.clip_high, algo.dual_clip,
+                        is_weights[idx, :n].to(dev) if is_weights is not None else None,
+                    )
+                    per_token = out.loss_per_token
+                    if algo.kl.placement == "loss":
+                        per_token = per_token + kl_coef * kl_fn(logp, batch.ref_logp[idx, :n].to(dev)) * mask
+                    if algo.entropy_coef > 0:
+                        per_token = per_token - algo.entropy_coef * entropy * mask
+                    loss = window_loss(per_token)
+                    if any_rank(not finite(loss)):
+                        bad += 1  # skip this micro-batch's gradient on every rank; keep DeepSpeed's step count
+                    else:
+                        policy.backward(loss, scale_wrt_gas=False)
+                    policy.step()
+                    _append(stats, {"ppo/policy_loss": float(masked_mean(out.loss_per_token.detach(), mask)),
+                                    "ppo/clip_fraction": float(out.clip_fraction), "ppo/approx_kl": float(out.approx_kl)})
+                if critic is not None:
+                    values = critic_forward(critic, inputs)
+                    v_per_token, v_clipfrac = clipped_value_loss(
+                        values, batch.values[idx, :n].to(dev), batch.returns[idx, :n].to(dev), mask, algo.value_clip
+                    )
+                    v_loss = algo.vf_coef * window_loss(v_per_token)
+                    if any_rank(not finite(v_loss)):
+                        bad += 1
+                    else:
+                        critic.backward(v_loss, scale_wrt_gas=False)
+                    critic.step()
+                    _append(stats, {"ppo/value_loss": float(masked_mean(v_per_token.detach(), mask)), "ppo/value_clip_fraction": float(v_clipfrac)})
+    result = {k: float(np.mean(v)) for k, v in stats.items()}
+    result["bad_micro_batches"] = float(bad)
+    return result
+
+
+def _append(stats: dict[str, list[float]], values: dict[str, float]) -> None:
+    for k, v in values.items():
+        stats.setdefault(k, []).append(v)
+
+
+# --------------------------------------------------------------------------------------------- plumbing
+
+
+def _next_prompt_rows(state: LoopState, n_rows: int, count: int, seed: int) -> list[int]:
+    """The next `count` prompt rows of a per-epoch permutation; (epoch, offset) in `state` makes resume exact."""
+    rows: list[int] = []
+    while len(rows) < count:
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + state.data_epoch)).tolist()
+        take = order[state.data_offset : state.data_offset + count - len(rows)]
+        rows.extend(take)
+        state.data_offset += len(take)
+        if state.data_offset >= n_rows:
+            state.data_epoch, state.data_offset = state.data_epoch + 1, 0
+    return rows
+
+
+def _broadcast(obj):
+    if dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _make_rollout_engine(recipe: PPORecipe):
+    from rollout import make_engine
+
+    r = recipe.rollout
+    policy_path = recipe.policy.name_or_path
+    if r.engine == "vllm":
+        return make_engine("vllm", model=policy_path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.train.seed)
+    if r.engine == "hf":
+        return make_engine("hf", model=policy_path)
+    if r.launch_servers:
+        from rollout.launch import launch_servers
+
+        return launch_servers(policy_path, r.launch_servers, r.server_devices, dtype=r.dtype, max_model_len=r.max_model_len,
+                              seed=recipe.train.seed, timeout_s=r.timeout_s)
+    return make_engine("remote", urls=r.servers, timeout_s=r.timeout_s)
+
+
+def _evaluate(recipe: PPORecipe, engine, tokenizer) -> dict[str, float]:
+    """Greedy answers to held-out prompts, scored by the rule: the gold metric the run is judged by."""
+    from alignment.evaluation.gold import evaluate_gold_with_engine
+
+    return {"eval/gold": evaluate_gold_with_engine(recipe.eval, engine, tokenizer)}
+
+
+def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, rank: int, keep_last: int) -> None:
+    """Every rank writes its DeepSpeed shards into a staging directory; rank 0 publishes it by rename."""
+    staging = root / f".tmp-checkpoint-{state.step}"
+    if rank == 0:
+        ckpt.clean_partial(root)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    policy.save_checkpoint(str(staging / "policy"), tag="ds")
+    if critic is not None:
+        critic.save_checkpoint(str(staging / "critic"), tag="ds")
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, staging / f"rng-rank{rank}.pt")
+    if rank == 0:
+        (staging / "loop_state.json").write_text(json.dumps({"loop": asdict(state), "kl_controller": kl_ctl.state_dict()}))
+    dist.barrier()
+    if rank == 0:
+        ckpt.publish(staging, root / f"checkpoint-{state.step}", keep_last)
+    dist.barrier()
+
+
+def _load_checkpoint(path: Path, policy, critic, kl_ctl, rank: int) -> LoopState:
+    policy.load_checkpoint(str(path / "policy"), tag="ds")
+    if critic is not None:
+        critic.load_checkpoint(str(path / "critic"), tag="ds")
+    saved = json.loads((path / "loop_state.json").read_text())
+    kl_ctl.load_state_dict(saved["kl_controller"])
+    rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return LoopState(**saved["loop"])
+
+
+def _export_policy(policy, tokenizer, target: Path, rank: int) -> None:
+    """Final policy in HF format (safetensors, full weights even under ZeRO-3), loadable by vLLM as is."""
+    state_dict = dict(named_tensors(policy))  # every rank takes part in the ZeRO-3 gathers; rank 0 gets the tensors
+    if rank == 0:
+        with ckpt.atomic_directory(target) as tmp:
+            model = policy.module
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    dist.barrier()

@@ -1,0 +1,168 @@
+"""DeepSpeed engines for models we train ourselves (PPO's policy and critic) and sharded inference models.
+
+We call `deepspeed.initialize` directly (as OpenRLHF does) because PPO trains two models with different
+learning rates, which `accelerate.prepare` does not support under DeepSpeed. The ZeRO stage and offload
+come from the accelerate config the user launched with (`accelerate launch --config_file ...`), so the
+same recipe runs on one CPU process, 2 CPU processes under ZeRO-3, or many GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    stage: int = 0
+    offload_optimizer: str | None = None  # "cpu" / "nvme" / None
+    offload_param: str | None = None
+
+    @classmethod
+    def from_accelerate_env(cls) -> ZeroSettings:
+        """Read what `accelerate launch` exported from its DeepSpeed config (stage 0 when not under DeepSpeed)."""
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            return cls()
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and config_file.lower() != "none":
+            zero = json.loads(Path(config_file).read_text()).get("zero_optimization", {})
+            return cls(
+                int(zero.get("stage", 0)),
+                _device(zero.get("offload_optimizer", {}).get("device")),
+                _device(zero.get("offload_param", {}).get("device")),
+            )
+        return cls(
+            int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)),
+            _device(os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")),
+            _device(os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")),
+        )
+
+
+def _device(value: str | None) -> str | None:
+    return None if value in (None, "", "none") else value
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group, or make a world of one for a plain `alignment ppo` run."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        with socket.socket() as s:  # a free loopback port for the single-process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    return torch.device("cpu")
+
+
+def _zero_config(zero: ZeroSettings) -> dict:
+    config: dict = {"stage": zero.stage}
+    if zero.offload_optimizer:
+        config["offload_optimizer"] = {"device": zero.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if zero.offload_param and zero.stage == 3:
+        config["offload_param"] = {"device": zero.offload_param, "pin_memory": torch.cuda.is_available()}
+    if zero.stage == 3:
+        # Gather full 16-bit weights for export and release them promptly after each use.
+        config.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0)
+    return config
+
+
+def make_train_engine(
+    model: torch.nn.Module,
+    zero: ZeroSettings,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    max_grad_norm: float,
+):
+    """Wrap `model` in a DeepSpeed training engine with AdamW and linear warmup.
+
+    grad_accum_steps is the number of micro-batches per optimizer step; the loop calls
+    `engine.backward(loss, scale_wrt_gas=False)` with losses already reduced over the whole window.
+    """
+    world = dist.get_world_size()
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": _zero_config(zero),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if torch.cuda.is_available():
+        config["bf16"] = {"enabled": next(model.parameters()).dtype == torch.bfloat16}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if zero.offload_optimizer:
+        # Offloaded optimizer states need DeepSpeed's own CPU Adam; let it build one from the config.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay}}
+        optimizer = None
+    else:
+        # torch's AdamW: DeepSpeed's fused Adam would be JIT-compiled on CPU, for no gain at our sizes.
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params, config=config, lr_scheduler=scheduler
+    )
+    return engine
+
+
+def make_inference_model(model: torch.nn.Module, zero: ZeroSettings) -> torch.nn.Module:
+    """A frozen model for scoring (reference, reward): ZeRO-3-sharded under stage 3, else a plain replica."""
+    model.eval().requires_grad_(False)
+    if zero.stage != 3:
+        return model.to(device())
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": _zero_config(ZeroSettings(3, None, zero.offload_param)),
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    return engine.module
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective for the whole dict)."""
+    if dist.get_world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t)}
+
+
+def all_reduce_sum(value: float) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return float(t)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` is true on any rank: keeps every rank on the same branch (ZeRO-3 needs lockstep)."""
+    return all_reduce_sum(1.0 if flag else 0.0) > 0
+
+
+def finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

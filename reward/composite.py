@@ -1,0 +1,48 @@
+"""The total reward of a PPO recipe: a weighted sum of reward-model, Python-function and HTTP terms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from reward.functions import load_reward_function
+from reward.remote import RemoteReward
+
+RewardFn = Callable[..., list[float]]  # TRL signature: fn(prompts, completions, **columns) -> list[float]
+
+
+@dataclass
+class RewardTerm:
+    name: str
+    fn: RewardFn
+    weight: float
+
+
+class CompositeReward:
+    """`scores(prompts, completions, columns)` -> (total [B], per-term raw scores {name: [B]})."""
+
+    def __init__(self, terms: list[RewardTerm]):
+        self.terms = terms
+
+    @classmethod
+    def from_recipe(cls, sources, device: torch.device) -> CompositeReward:
+        terms = []
+        for i, src in enumerate(sources):
+            if src.kind == "model":
+                from reward.scoring import RewardModelScorer
+
+                scorer = RewardModelScorer(src.path, device=device, normalize=src.normalize)
+                fn: RewardFn = lambda prompts, completions, _s=scorer, **_: _s.score(prompts, completions).tolist()
+            elif src.kind == "function":
+                fn = load_reward_function(src.function)
+            else:
+                fn = RemoteReward(src.url, timeout_s=src.timeout_s, retries=src.retries)
+            terms.append(RewardTerm(f"{i}_{src.kind}", fn, src.weight))
+        return cls(terms)
+
+    def __call__(self, prompts: list, completions: list[str], columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {t.name: torch.tensor(t.fn(prompts=prompts, completions=completions, **columns), dtype=torch.float32) for t in self.terms}
+        total = sum(t.weight * parts[t.name] for t in self.terms)
+        return total, parts
