@@ -1,0 +1,475 @@
+"""Hand-computed checks of the PPO math in alignment/ppo (tolerance 1e-6 unless said otherwise)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alignment.ppo import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    AdvantageParams,
+    FixedKLController,
+    RunningMoments,
+    aggregate_loss,
+    clip_scores,
+    clipped_policy_loss,
+    clipped_value_loss,
+    discounted_returns,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    grpo_scores,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    masked_mean,
+    masked_whiten,
+    normalize_scores,
+    penalize_truncated,
+    rloo_scores,
+    token_level_rewards,
+    truncated_is_weights,
+    validate_advantage_estimator,
+)
+
+TOL = dict(rtol=0, atol=1e-6)
+
+
+def t64(x) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
+def close(actual, expected, **tol) -> None:
+    torch.testing.assert_close(t64(actual).detach(), t64(expected), **(tol or TOL))
+
+
+# --------------------------------------------------------------------------- GAE
+
+
+def test_gae_1x3_by_hand():
+    rewards, values, mask = t64([[0.0, 0.0, 1.0]]), t64([[0.5, 0.6, 0.7]]), t64([[1, 1, 1]])
+    gamma, lam = 0.9, 0.8
+    # t=2: delta = 1 + 0.9*0 - 0.7 = 0.3                       A2 = 0.3
+    # t=1: delta = 0 + 0.9*0.7 - 0.6 = 0.03                    A1 = 0.03 + 0.72*0.3   = 0.246
+    # t=0: delta = 0 + 0.9*0.6 - 0.5 = 0.04                    A0 = 0.04 + 0.72*0.246 = 0.21712
+    # returns = A + V = [0.71712, 0.846, 1.0]
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    close(advantages, [[0.21712, 0.246, 0.3]])
+    close(returns, [[0.71712, 0.846, 1.0]])
+
+
+def test_gae_padded_2x4_by_hand():
+    rewards = t64([[0.1, 0.0, 0.0, 2.0], [0.0, 1.0, 99.0, 99.0]])
+    values = t64([[1.0, 2.0, 3.0, 4.0], [0.5, 0.25, 7.0, 7.0]])
+    mask = t64([[1, 1, 1, 1], [1, 1, 0, 0]])
+    gamma, lam = 1.0, 0.5
+    # row 0 (4 real tokens):
+    #   t=3: delta = 2 - 4 = -2                 A3 = -2
+    #   t=2: delta = 0 + 4 - 3 = 1              A2 = 1 + 0.5*(-2) = 0
+    #   t=1: delta = 0 + 3 - 2 = 1              A1 = 1 + 0.5*0    = 1
+    #   t=0: delta = 0.1 + 2 - 1 = 1.1          A0 = 1.1 + 0.5*1  = 1.6
+    #   returns = [2.6, 3, 3, 2]
+    # row 1 (2 real tokens; the 99s and 7s are padding and must not leak):
+    #   t=1: delta = 1 + 1*0 - 0.25 = 0.75      A1 = 0.75
+    #   t=0: delta = 0 + 0.25 - 0.5 = -0.25     A0 = -0.25 + 0.5*0.75 = 0.125
+    #   returns = [0.625, 1.0, 0, 0]
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    close(advantages, [[1.6, 1.0, 0.0, -2.0], [0.125, 0.75, 0.0, 0.0]])
+    close(returns, [[2.6, 3.0, 3.0, 2.0], [0.625, 1.0, 0.0, 0.0]])
+
+
+def _random_padded(B=4, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([6, 1, 4, 3])[:B]
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
+    rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)
+    return rewards, values, mask, g
+
+
+def test_gae_gamma1_lam1_is_returns_minus_values():
+    rewards, values, mask, _ = _random_padded()
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # A_t = sum_{k>=t} r_k - V_t (the values telescope away), computed here with a reversed cumsum
+    reward_to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
+    close(advantages, (reward_to_go - values) * mask)
+    close(returns, reward_to_go * mask)
+
+
+@pytest.mark.parametrize("fn", ["gae", "discounted_returns"])
+def test_padding_changes_nothing(fn):
+    rewards, values, mask, g = _random_padded()
+    garbage_r = rewards + 1000 * torch.randn(rewards.shape, generator=g, dtype=torch.float64) * (1 - mask)
+    garbage_v = values + 1000 * torch.randn(values.shape, generator=g, dtype=torch.float64) * (1 - mask)
+    assert not torch.equal(garbage_r, rewards)
+    if fn == "gae":
+        clean = gae(rewards, values, mask, 0.99, 0.95)
+        dirty = gae(garbage_r, garbage_v, mask, 0.99, 0.95)
+    else:
+        clean = (discounted_returns(rewards, mask, 0.9),)
+        dirty = (discounted_returns(garbage_r, mask, 0.9),)
+    for c, d in zip(clean, dirty):
+        close(d, c)
+        assert torch.all(d[mask == 0] == 0)
+
+
+def test_discounted_returns_by_hand():
+    rewards, mask = t64([[1.0, 2.0, 4.0], [3.0, 5.0, 7.0]]), t64([[1, 1, 1], [1, 0, 0]])
+    # row 0: G2 = 4, G1 = 2 + 0.5*4 = 4, G0 = 1 + 0.5*4 = 3;  row 1: G0 = 3 (5 and 7 are padding)
+    close(discounted_returns(rewards, mask, 0.5), [[3.0, 4.0, 4.0], [3.0, 0.0, 0.0]])
+
+
+# --------------------------------------------------------------------------- KL
+
+
+def test_kl_estimators_by_hand():
+    logp, ref_logp = t64([math.log(0.5)]), t64([math.log(0.25)])
+    # log r = log(0.25 / 0.5) = -log 2,  r = 0.5
+    close(kl_k1(logp, ref_logp), [math.log(2)])  # 0.693147
+    close(kl_k2(logp, ref_logp), [0.5 * math.log(2) ** 2])  # 0.240227
+    close(kl_k3(logp, ref_logp), [0.5 + math.log(2) - 1])  # 0.193147
+    assert KL_ESTIMATORS == {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+def test_k1_k3_are_unbiased_under_the_policy():
+    # Enumerate a 3-token vocabulary: E_{x~p}[k(x)] must equal KL(p || q) exactly for k1 and k3.
+    p, q = t64([0.5, 0.3, 0.2]), t64([0.2, 0.5, 0.3])
+    kl = float((p * (p / q).log()).sum())
+    for estimator in (kl_k1, kl_k3):
+        close((p * estimator(p.log(), q.log())).sum(), kl)
+    # k2 is biased: its expectation differs from the true KL here.
+    assert abs(float((p * kl_k2(p.log(), q.log())).sum()) - kl) > 1e-3
+
+
+def test_k3_nonnegative_and_k2_nonnegative():
+    g = torch.Generator().manual_seed(1)
+    logp, ref_logp = 3 * torch.randn(1000, generator=g), 3 * torch.randn(1000, generator=g)
+    assert bool((kl_k3(logp, ref_logp) >= 0).all())
+    assert bool((kl_k2(logp, ref_logp) >= 0).all())
+    assert bool((kl_k1(logp, ref_logp) < 0).any())  # k1 can be negative per token
+    assert float(kl_k3(logp, logp).abs().max()) == 0.0
+
+
+def test_adaptive_kl_controller_sequence_and_resume():
+    ctl = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    # KL 12: error 12/6 - 1 = 1, clipped to 0.2:   beta = 0.2 * (1 + 0.2 * 256/10000)
+    ctl.update(12.0, n_steps=256)
+    beta = 0.2 * (1 + 0.2 * 0.0256)
+    assert ctl.coef == pytest.approx(beta, abs=1e-12)
+    # KL 3: error 3/6 - 1 = -0.5, clipped to -0.2
+    ctl.update(3.0, n_steps=256)
+    beta *= 1 - 0.2 * 0.0256
+    assert ctl.coef == pytest.approx(beta, abs=1e-12)
+    # KL 6.6: error 0.1 (inside the clip)
+    ctl.update(6.6, n_steps=256)
+    beta *= 1 + 0.1 * 0.0256
+    assert ctl.coef == pytest.approx(beta, abs=1e-12)
+    assert ctl.coef == pytest.approx(0.2005067, abs=1e-6)
+
+    resumed = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    resumed.load_state_dict(ctl.state_dict())
+    ctl.update(9.0, n_steps=64)
+    resumed.update(9.0, n_steps=64)
+    assert resumed.coef == ctl.coef != 0.2
+
+
+def test_fixed_kl_controller():
+    ctl = FixedKLController(0.05)
+    ctl.update(100.0, n_steps=1000)
+    assert ctl.coef == 0.05
+    other = FixedKLController(1.0)
+    other.load_state_dict(ctl.state_dict())
+    assert other.coef == 0.05
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def test_token_level_rewards_by_hand():
+    scores = t64([2.0, -1.0])
+    kl = t64([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]])
+    mask = t64([[1, 1, 1], [1, 1, 0]])
+    # r_t = -0.5 * kl_t, plus the score at the last real token (index 2 for row 0, 1 for row 1)
+    close(token_level_rewards(scores, kl, mask, kl_coef=0.5), [[-0.05, -0.1, 1.85], [-0.2, -1.25, 0.0]])
+    with pytest.raises(ValueError, match="no real token"):
+        token_level_rewards(scores, kl, t64([[1, 1, 1], [0, 0, 0]]), 0.5)
+
+
+def test_score_transforms():
+    scores = t64([3.0, -5.0, 1.0])
+    close(normalize_scores(scores, mean=1.0, std=2.0, eps=0.0), [1.0, -3.0, 0.0])
+    close(clip_scores(scores, 2.0), [2.0, -2.0, 1.0])
+    close(penalize_truncated(scores, ["stop", "length", "length"], penalty=1.5), [3.0, -6.5, -0.5])
+    with pytest.raises(ValueError):
+        penalize_truncated(scores, ["stop"], 1.0)
+
+
+def test_running_moments_matches_numpy_and_resumes():
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(3.0, 2.0, size=n) for n in (5, 17, 1, 64)]
+    moments = RunningMoments()
+    for b in batches[:2]:
+        moments.update(torch.tensor(b))
+    resumed = RunningMoments()
+    resumed.load_state_dict(moments.state_dict())
+    for b in batches[2:]:
+        moments.update(torch.tensor(b))
+        resumed.update(torch.tensor(b))
+    everything = np.concatenate(batches)
+    assert moments.count == resumed.count == everything.size
+    assert (resumed.mean, resumed.std) == (moments.mean, moments.std)
+    assert resumed.mean == pytest.approx(np.mean(everything), abs=1e-12)
+    assert resumed.std == pytest.approx(np.std(everything), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- masking / aggregation
+
+
+def test_masked_mean_and_whiten():
+    values, mask = t64([[1.0, 2.0, 50.0], [3.0, 50.0, 50.0]]), t64([[1, 1, 0], [1, 0, 0]])
+    close(masked_mean(values, mask), 2.0)
+    close(masked_mean(values, mask, dim=1), [1.5, 3.0])
+    real = np.array([1.0, 2.0, 3.0])
+    z = (real - real.mean()) / real.std()  # population std: [-1.2247, 0, 1.2247]
+    close(masked_whiten(values, mask), [[z[0], z[1], 0.0], [z[2], 0.0, 0.0]])
+    close(masked_whiten(values, mask, shift_mean=False), [[z[0] + 2, z[1] + 2, 0.0], [z[2] + 2, 0.0, 0.0]])
+
+
+def test_aggregation_modes_by_hand():
+    loss, mask = t64([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]]), t64([[1, 1, 1], [1, 0, 0]])
+    close(aggregate_loss(loss, mask, "token_mean"), (1 + 2 + 3 + 4) / 4)  # 2.5
+    close(aggregate_loss(loss, mask, "seq_mean_token_sum"), (6 + 4) / 2)  # 5
+    close(aggregate_loss(loss, mask, "seq_mean_token_mean"), (2 + 4) / 2)  # 3
+    with pytest.raises(ValueError, match="token_mean"):
+        aggregate_loss(loss, mask, "mean")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"])
+def test_accumulated_micro_batches_equal_the_full_batch(mode):
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.tensor([7, 1, 2, 8, 3, 5])
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).double()
+    loss = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    full = aggregate_loss(loss, mask, mode)
+    windows = dict(num_tokens_in_window=mask.sum(), num_seqs_in_window=6)
+    micro = [(loss[:2], mask[:2]), (loss[2:3], mask[2:3]), (loss[3:], mask[3:])]
+    accumulated = sum(aggregate_loss(l, m, mode, **windows) for l, m in micro)
+    close(accumulated, full)
+    # Without the window totals each micro-batch normalises by itself: the mean of means differs.
+    naive = sum(aggregate_loss(l, m, mode) for l, m in micro) / len(micro)
+    assert abs(float(naive) - float(full)) > 1e-3
+
+
+# --------------------------------------------------------------------------- advantage estimators
+
+
+def test_grpo_and_dr_grpo_scores_by_hand():
+    scores = t64([1.0, 0.0, 0.0, 1.0, 2.0, 4.0])
+    # group [1, 0, 0]: mean 1/3, unbiased std sqrt((4/9 + 1/9 + 1/9) / 2) = 1/sqrt(3)
+    # group [1, 2, 4]: mean 7/3, unbiased std sqrt((16/9 + 1/9 + 25/9) / 2) = sqrt(7/3)
+    s1, s2 = 1 / math.sqrt(3), math.sqrt(7 / 3)
+    expected = [2 / 3 / s1, -1 / 3 / s1, -1 / 3 / s1, -4 / 3 / s2, -1 / 3 / s2, 5 / 3 / s2]
+    close(grpo_scores(scores, group_size=3, eps=0.0), expected)
+    close(grpo_scores(scores, group_size=3, scale_by_std=False), [2 / 3, -1 / 3, -1 / 3, -4 / 3, -1 / 3, 5 / 3])
+    with pytest.raises(ValueError, match="groups of 4"):
+        grpo_scores(scores, group_size=4)
+
+
+def test_rloo_scores_by_hand():
+    scores = t64([1.0, 0.0, 0.0, 1.0, 2.0, 4.0])
+    # baseline_i = mean of the other two:  [0, 0.5, 0.5] and [3, 2.5, 1.5]
+    close(rloo_scores(scores, group_size=3), [1.0, -0.5, -0.5, -2.0, -0.5, 2.5])
+    with pytest.raises(ValueError):
+        rloo_scores(scores, group_size=1)
+
+
+def test_group_estimators_broadcast_over_tokens():
+    scores = t64([1.0, 0.0, 0.0, 1.0, 2.0, 4.0])
+    mask = t64([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    kl = torch.full((6, 3), 123.0, dtype=torch.float64)  # ignored: kl_coef = 0
+    params = AdvantageParams(group_size=3, kl_coef=0.0, gamma=1.0, eps=0.0)
+    for name, per_seq in [
+        ("grpo", grpo_scores(scores, 3, eps=0.0)),
+        ("dr_grpo", grpo_scores(scores, 3, scale_by_std=False)),
+        ("rloo", t64([1.0, -0.5, -0.5, -2.0, -0.5, 2.5])),
+    ]:
+        advantages, returns = ADVANTAGE_ESTIMATORS[name].compute(scores, kl, mask, None, params)
+        close(advantages, per_seq[:, None] * mask)
+        close(returns, per_seq[:, None] * mask)
+
+
+def _whiten_np(xs: list[float]) -> list[float]:
+    a = np.array(xs)
+    return list((a - a.mean()) / np.sqrt(a.var() + 1e-8))
+
+
+def test_reinforce_pp_by_hand():
+    scores = t64([1.0, 0.0])
+    kl = t64([[0.1, 0.2, 0.3], [0.5, 0.4, 9.0]])
+    mask = t64([[1, 1, 1], [1, 1, 0]])
+    params = AdvantageParams(kl_coef=0.1, gamma=1.0)
+    # rewards: row 0 [-0.01, -0.02, -0.03 + 1] -> reward-to-go [0.94, 0.95, 0.97]
+    #          row 1 [-0.05, -0.04 + 0]        -> reward-to-go [-0.09, -0.04]
+    advantages, returns = ADVANTAGE_ESTIMATORS["reinforce++"].compute(scores, kl, mask, None, params)
+    close(returns, [[0.94, 0.95, 0.97], [-0.09, -0.04, 0.0]])
+    w = _whiten_np([0.94, 0.95, 0.97, -0.09, -0.04])  # global whitening over the 5 real tokens
+    close(advantages, [[w[0], w[1], w[2]], [w[3], w[4], 0.0]])
+
+
+def test_reinforce_pp_baseline_by_hand():
+    scores = t64([1.0, 0.0])
+    kl = t64([[0.1, 0.2, 0.3], [0.5, 0.4, 9.0]])
+    mask = t64([[1, 1, 1], [1, 1, 0]])
+    params = AdvantageParams(kl_coef=0.1, gamma=1.0, group_size=2)
+    # group mean 0.5 -> baselined scores [0.5, -0.5]
+    # rewards: row 0 [-0.01, -0.02, 0.47] -> [0.44, 0.45, 0.47];  row 1 [-0.05, -0.54] -> [-0.59, -0.54]
+    advantages, returns = ADVANTAGE_ESTIMATORS["reinforce++_baseline"].compute(scores, kl, mask, None, params)
+    close(returns, [[0.44, 0.45, 0.47], [-0.59, -0.54, 0.0]])
+    w = _whiten_np([0.44, 0.45, 0.47, -0.59, -0.54])
+    close(advantages, [[w[0], w[1], w[2]], [w[3], w[4], 0.0]])
+
+
+def test_gae_estimator_whitens_advantages_not_returns():
+    scores, kl = t64([1.0]), t64([[0.0, 0.0, 0.0]])
+    values, mask = t64([[0.5, 0.6, 0.7]]), t64([[1, 1, 1]])
+    params = AdvantageParams(gamma=0.9, lam=0.8, kl_coef=0.0)
+    advantages, returns = ADVANTAGE_ESTIMATORS["gae"].compute(scores, kl, mask, values, params)
+    close(returns, [[0.71712, 0.846, 1.0]])  # as in test_gae_1x3_by_hand
+    close(advantages, [_whiten_np([0.21712, 0.246, 0.3])])
+    with pytest.raises(ValueError, match="critic"):
+        ADVANTAGE_ESTIMATORS["gae"].compute(scores, kl, mask, None, params)
+
+
+def test_advantage_registry_and_config_check():
+    assert {n for n, e in ADVANTAGE_ESTIMATORS.items() if e.needs_critic} == {"gae"}
+    assert validate_advantage_estimator("gae", 1) == []
+    assert validate_advantage_estimator("grpo", 4) == []
+    [unknown] = validate_advantage_estimator("grpoo", 4)
+    assert "'grpoo'" in unknown and "grpo" in unknown
+    [too_small] = validate_advantage_estimator("rloo", 1)
+    assert "group_size" in too_small and ">= 2" in too_small
+
+
+# --------------------------------------------------------------------------- policy loss
+
+
+def _grad_of_loss(ratio: float, advantage: float, **kw) -> tuple[float, float]:
+    """(loss, d loss / d logp) for one token with old_logp = 0, logp = log(ratio)."""
+    logp = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
+    out = clipped_policy_loss(logp, t64([[0.0]]), t64([[advantage]]), t64([[1.0]]), **kw)
+    out.loss_per_token.sum().backward()
+    return float(out.loss_per_token.detach()), float(logp.grad)
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, loss, grad",
+    [
+        # inside the band [0.9, 1.3]: L = -A * rho, dL/dlogp = -A * rho
+        (1.25, 1.0, -1.25, -1.25),
+        (0.95, -2.0, 1.9, 1.9),
+        # above 1 + clip_high with A > 0: clipped, L = -1.3, no gradient
+        (1.5, 1.0, -1.3, 0.0),
+        # above the band with A < 0: the unclipped term is larger, gradient kept
+        (1.5, -1.0, 1.5, 1.5),
+        # below 1 - clip_low with A < 0: clipped, L = 0.9 * 1, no gradient
+        (0.85, -1.0, 0.9, 0.0),
+        # below the band with A > 0: unclipped, gradient kept
+        (0.5, 2.0, -1.0, -1.0),
+    ],
+)
+def test_policy_clip_zeroes_the_right_gradients(ratio, advantage, loss, grad):
+    got_loss, got_grad = _grad_of_loss(ratio, advantage, clip_low=0.1, clip_high=0.3)
+    assert got_loss == pytest.approx(loss, abs=1e-6)
+    assert got_grad == pytest.approx(grad, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, loss, grad",
+    [
+        # A < 0, rho = 10: max(10, 1.2) = 10 > 3 = -c*A -> capped at 3, no gradient
+        (10.0, -1.0, 3.0, 0.0),
+        # A < 0, rho = 2: max(2, 1.2) = 2 < 3 -> unchanged
+        (2.0, -1.0, 2.0, 2.0),
+        # A > 0: the dual clip does not apply
+        (10.0, 1.0, -1.2, 0.0),
+    ],
+)
+def test_dual_clip(ratio, advantage, loss, grad):
+    got_loss, got_grad = _grad_of_loss(ratio, advantage, dual_clip=3.0)
+    assert got_loss == pytest.approx(loss, abs=1e-6)
+    assert got_grad == pytest.approx(grad, abs=1e-6)
+
+
+def test_dual_clip_fraction_and_validation():
+    logp = t64([[math.log(10.0), math.log(2.0), 0.0]])
+    out = clipped_policy_loss(logp, torch.zeros(1, 3, dtype=torch.float64), t64([[-1.0, -1.0, 5.0]]),
+                              t64([[1, 1, 0]]), dual_clip=3.0)
+    close(out.dual_clip_fraction, 0.5)  # 1 of the 2 real tokens
+    close(out.clip_fraction, 0.0)  # A < 0 with a large ratio is never clipped by the plain clip
+    with pytest.raises(ValueError, match="dual_clip"):
+        clipped_policy_loss(logp, logp, logp, logp, dual_clip=1.0)
+
+
+def test_policy_stats_by_hand():
+    # ratios [2, 0.5, 1.5, 1.1 (padding)], A = [1, 1, 0, 1]
+    logp = t64([[math.log(2.0), math.log(0.5), math.log(1.5), math.log(1.1)]])
+    out = clipped_policy_loss(logp, torch.zeros_like(logp), t64([[1.0, 1.0, 0.0, 1.0]]), t64([[1, 1, 1, 0]]))
+    # approx_kl = mean((rho - 1) - log rho) = ((1 - ln 2) + (-0.5 + ln 2) + (0.5 - ln 1.5)) / 3
+    close(out.approx_kl, (1 - math.log(1.5)) / 3)
+    close(out.ratio_mean, (2 + 0.5 + 1.5) / 3)
+    # only rho = 2 with A > 0 loses its gradient to the clip (rho = 1.5 with A = 0 has none to lose)
+    close(out.clip_fraction, 1 / 3)
+    close(out.loss_per_token, [[-1.2, -0.5, 0.0, 0.0]])
+
+
+def test_truncated_importance_sampling():
+    old_logp = torch.tensor([[math.log(0.6), math.log(0.3)]], dtype=torch.float64, requires_grad=True)
+    sampler_logp = t64([[math.log(0.3), math.log(0.6)]])
+    weights = truncated_is_weights(old_logp, sampler_logp, cap=1.5)
+    close(weights, [[1.5, 0.5]])  # min(0.6/0.3, 1.5), min(0.3/0.6, 1.5)
+    assert not weights.requires_grad
+
+    logp = torch.tensor([[math.log(1.1), math.log(1.1)]], dtype=torch.float64, requires_grad=True)
+    out = clipped_policy_loss(logp, torch.zeros(1, 2, dtype=torch.float64), t64([[1.0, -2.0]]),
+                              t64([[1, 1]]), is_weights=weights)
+    # unweighted L = [-1.1, 2.2]  ->  weighted [-1.65, 1.1]; gradients scale the same way
+    close(out.loss_per_token.detach(), [[-1.65, 1.1]])
+    out.loss_per_token.sum().backward()
+    close(logp.grad, [[-1.65, 1.1]])
+
+
+# --------------------------------------------------------------------------- value loss & diagnostics
+
+
+def test_clipped_value_loss_by_hand():
+    values = torch.tensor([[2.0, 1.2, 0.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    old_values, returns, mask = t64([[1.0, 1.0, 1.0, 0.0]]), t64([[3.0, 3.0, 3.0, 0.0]]), t64([[1, 1, 1, 0]])
+    loss, clip_fraction = clipped_value_loss(values, old_values, returns, mask, value_clip=0.5)
+    # token 0: (2-3)^2 = 1 vs clipped V = 1.5: (1.5-3)^2 = 2.25 -> 0.5*2.25 = 1.125, no gradient
+    # token 1: inside the clip: 0.5 * (1.2-3)^2 = 1.62, gradient V - R = -1.8
+    # token 2: (0-3)^2 = 9 vs clipped V = 0.5: 6.25 -> 4.5, gradient V - R = -3
+    close(loss.detach(), [[1.125, 1.62, 4.5, 0.0]])
+    close(clip_fraction, 1 / 3)
+    loss.sum().backward()
+    close(values.grad, [[0.0, -1.8, -3.0, 0.0]])
+    unclipped, _ = clipped_value_loss(values, old_values, returns, mask, value_clip=None)
+    close(unclipped.detach(), [[0.5, 1.62, 4.5, 0.0]])
+
+
+def test_entropy_from_logits():
+    logits = torch.log(t64([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]])) + 7.0  # shift must not matter
+    # H = 0.5 ln 2 + 2 * 0.25 ln 4 = 1.5 ln 2;  uniform over 3: ln 3
+    close(entropy_from_logits(logits), [[1.5 * math.log(2), math.log(3)]])
+    assert entropy_from_logits(logits.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_explained_variance_by_hand():
+    returns, mask = t64([[1.0, 2.0, 3.0, 100.0]]), t64([[1, 1, 1, 0]])
+    # R - V = [0, 0, 1]: Var = 2/9;  Var[R] = 2/3;  EV = 1 - (2/9)/(2/3) = 2/3
+    assert explained_variance(t64([[1.0, 2.0, 2.0, -50.0]]), returns, mask) == pytest.approx(2 / 3, abs=1e-6)
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0, abs=1e-6)
+    assert explained_variance(torch.full_like(returns, 9.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    assert math.isnan(explained_variance(returns, torch.ones_like(returns), mask))
