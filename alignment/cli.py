@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="validate recipes without running them (stage read from each recipe's `stage:` key)")
     validate.add_argument("recipes", nargs="+")
     validate.add_argument("--no-path-check", action="store_true", help="skip checks that local paths exist")
+    validate.add_argument("--data", action="store_true", help="also load, check and clean each recipe's datasets and print the data report")
     return parser
 
 
@@ -103,7 +104,7 @@ def _run(args: argparse.Namespace) -> None:
         serve(model=args.model, host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed)
         return
     if args.command == "validate":
-        _validate(args.recipes, check_paths=not args.no_path_check)
+        _validate(args.recipes, check_paths=not args.no_path_check, check_data=args.data)
         return
     stage: Stage = args.stage
     if args.help_recipe:
@@ -120,20 +121,38 @@ def _run(args: argparse.Namespace) -> None:
     resolve(stage.runner)(recipe)
 
 
-def _validate(paths: list[str], check_paths: bool) -> None:
-    import yaml
+# Recipe section holding each stage's data, and the kind it is read as (alignment.data.load_stage_data).
+DATA_KINDS = {"sft": ("data", "sft"), "rm": ("data", "preference"), "ppo": ("prompts", "prompt")}
+
+
+def _validate(paths: list[str], check_paths: bool, check_data: bool = False) -> None:
+    from alignment.config.schema import read_recipe_yaml
 
     for path in paths:
-        try:
-            with open(path) as fh:
-                name = (yaml.safe_load(fh) or {}).get("stage")
-        except (OSError, yaml.YAMLError, AttributeError) as exc:
-            raise UserError(f"{path}: cannot read recipe ({exc})") from None
+        name = read_recipe_yaml(path).get("stage")
         stage = STAGES.get(name) or LABEL_ACTIONS.get(str(name).removeprefix("label_"))
         if stage is None:
             raise UserError(f"{path}: key 'stage' must name a stage ({', '.join(STAGES)}, label_export, label_import, label_auto); got {name!r}")
-        load_stage_recipe(stage, path, [], check_paths=check_paths)
+        recipe = load_stage_recipe(stage, path, [], check_paths=check_paths)
+        if check_data and name in DATA_KINDS:
+            _check_data(recipe, *DATA_KINDS[name])
         print(f"{path}: ok")
+
+
+def _check_data(recipe, attribute: str, kind: str) -> None:
+    """Load the recipe's datasets as its stage would (no model), and print the data report."""
+    from alignment.config.sections import DataSection
+    from alignment.data import load_stage_data
+
+    data = getattr(recipe, attribute, None)
+    if not isinstance(data, DataSection):
+        return
+    tokenizer = None
+    if data.clean.max_tokens is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    print(load_stage_data(data, kind, tokenizer).report.summary())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from alignment.errors import RecipeError
 T = TypeVar("T")
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str = "", **constraints: Any) -> Any:
@@ -50,16 +51,7 @@ def required(*, help: str = "", **constraints: Any) -> Any:
 def load_recipe(path: str | Path, schema: type[T], overrides: list[str] = (), check_paths: bool = True) -> T:
     """Read a YAML recipe, apply `key.sub=value` overrides, and build `schema`; raise RecipeError listing every problem."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file '{path}' does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys to values, got {type(raw).__name__}")
+    raw = read_recipe_yaml(path)
     for item in overrides:
         _apply_override(raw, item, path)
     errors: list[str] = []
@@ -69,6 +61,38 @@ def load_recipe(path: str | Path, schema: type[T], overrides: list[str] = (), ch
     if errors:
         raise RecipeError("\n".join(f"{path}: {e}" for e in errors))
     return recipe
+
+
+def read_recipe_yaml(path: str | Path) -> dict:
+    """The raw mapping of a recipe file; RecipeError (one line) if missing, not YAML, or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise RecipeError(f"{path}: not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys to values, got {type(raw).__name__}")
+    return raw
+
+
+def is_hub_id(value: str, kind: str) -> bool:
+    """Whether a path-like value that does not exist locally is read as a hub id (`org/name`).
+
+    A value ending in a local data-file suffix (`data/sft.jsonl`) is a local path even though it has
+    the `a/b` shape, so a mistyped file name is reported as missing instead of passing as a hub id.
+    """
+    if kind not in ("model", "data") or not HUB_ID.match(value) or value.startswith((".", "/")):
+        return False
+    return not (kind == "data" and value.lower().endswith(DATA_SUFFIXES))
 
 
 def build(schema: type[T], raw: dict, prefix: str, errors: list[str], check_paths: bool = True) -> T:
@@ -179,7 +203,7 @@ def _check_path(value: str, key: str, kind: str, errors: list[str]) -> None:
     spec = value.split(":", 1)[0] if kind == "file" else value  # `file.py:function` names a function in a file
     if kind == "file" and os.path.isfile(spec):
         return
-    if kind in ("model", "data") and HUB_ID.match(value) and not value.startswith((".", "/")):
+    if is_hub_id(value, kind):
         return  # a hub id; loaded by name at run time
     errors.append(f"{key}: path '{value}' does not exist")
 
@@ -197,7 +221,12 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
     if "=" not in item:
         raise RecipeError(f"override '{item}' must look like key.sub=value (for recipe {path})")
     dotted, text = item.split("=", 1)
-    value = yaml.safe_load(text) if text else ""
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise RecipeError(f"override '{item}' must look like key.sub=value (for recipe {path})")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text  # e.g. `data.sources.0.path=a: b`; the schema check says if a string does not fit
     node: Any = raw
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -206,7 +235,9 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
                 raise RecipeError(f"override '{item}': '{part}' is not an index of the list at that key ({path})")
             node = node[int(part)]
         else:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section (`lora:` / `lora: null`)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, (dict, list)):
                 raise RecipeError(f"override '{item}': '{part}' holds a value, not a section ({path})")
     last = parts[-1]

@@ -32,7 +32,7 @@ class CleanSection:
     strip_control_chars: bool = option(True, help="remove control characters (keeps newlines and tabs)")
     normalize_whitespace: bool = option(True, help="collapse runs of spaces and trim each text field")
     deduplicate: bool = option(True, help="drop exact duplicate rows")
-    max_tokens: int | None = option(None, help="drop rows whose longest text field exceeds this many tokens", min=1)
+    max_tokens: int | None = option(None, help="drop rows whose full sequence (chat template applied, prompt + longest answer) exceeds this many tokens", min=1)
 
 
 @recipe
@@ -89,4 +89,5 @@ class GoldEvalSection:
     reward_function: str = option("alignment.tiny.task:gold_reward", help="'module:function' or 'file.py:function' (TRL reward signature)")
     num_prompts: int = option(128, help="evaluate on at most this many prompts", min=1)
     max_new_tokens: int = option(32, help="generation budget per answer", min=1)
-    temperature: float = option(0.0, help="0 = greedy", min=0.0)
+    temperature: float = option(1.0, help="sampling temperature: 1.0 scores the policy as it samples, 0 = greedy", min=0.0)
+    samples_per_prompt: int = option(1, help="answers sampled per prompt (the metric averages over all)", min=1)

@@ -1,0 +1,70 @@
+"""Start local rollout servers on devices reserved for them, for a PPO run that asked for `launch_servers`.
+
+Each server is `python -m alignment rollout serve` in its own process (and, on GPUs, its own
+CUDA_VISIBLE_DEVICES), on a free loopback port. The returned engine stops them when closed.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from alignment.errors import RolloutError
+from rollout.remote import RemoteEngine
+
+
+class LaunchedServers(RemoteEngine):
+    """A RemoteEngine that owns its server processes."""
+
+    def __init__(self, urls: list[str], processes: list[subprocess.Popen], timeout: float, ready_timeout: float):
+        self.processes = processes
+        super().__init__(urls, timeout=timeout)
+        try:
+            self.wait_ready(ready_timeout)
+        except RolloutError:
+            dead = [p.args[-1] for p in processes if p.poll() is not None]
+            self.close()
+            hint = f" (servers that exited: {', '.join(dead)}; see their logs)" if dead else ""
+            raise RolloutError(f"rollout servers did not become ready within {ready_timeout:.0f} s{hint}") from None
+
+    def close(self) -> None:
+        super().close()
+        for p in self.processes:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.processes:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_servers(
+    model: str, count: int, devices: list[str], *, dtype: str, max_model_len: int, seed: int, timeout_s: float,
+    ready_timeout_s: float = 600.0, log_dir: str | None = None,
+) -> LaunchedServers:
+    """Start `count` servers for `model`; server i sees devices[i] (if given). Logs go to log_dir/rollout-server-i.log."""
+    if devices and len(devices) != count:
+        raise RolloutError(f"rollout.server_devices lists {len(devices)} device sets for {count} servers")
+    urls, processes = [], []
+    for i in range(count):
+        port = _free_port()
+        env = dict(os.environ)
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # not part of the trainer's group
+            env.pop(var, None)
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = devices[i]
+        log = open(os.path.join(log_dir, f"rollout-server-{i}.log"), "w") if log_dir else subprocess.DEVNULL
+        cmd = [sys.executable, "-m", "alignment", "rollout", "serve", "--model", model, "--port", str(port),
+               "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed)]
+        processes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        urls.append(f"http://127.0.0.1:{port}")
+    return LaunchedServers(urls, processes, timeout=timeout_s, ready_timeout=ready_timeout_s)

@@ -1,0 +1,247 @@
+"""The real CLI: malformed recipes and datasets give one `error:` line per problem, no traceback, no outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from alignment.cli import main
+from helpers_data import assistant, sft_recipe, user, write_jsonl, write_yaml
+
+CLI = [sys.executable, "-m", "alignment"]
+
+
+def run_cli(capsys, *argv) -> tuple[int, list[str], str]:
+    code = main(list(map(str, argv)))
+    captured = capsys.readouterr()
+    return code, captured.err.splitlines(), captured.out
+
+
+def assert_one_error(code, err, *fragments, lines=1):
+    assert code == 2
+    assert len(err) == lines and all(line.startswith("error: ") for line in err), err
+    text = "\n".join(err)
+    assert "Traceback" not in text
+    for fragment in fragments:
+        assert fragment in text, (fragment, text)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    good = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": user(f"q{i}"), "completion": assistant(f"a{i}")} for i in range(20)])
+    out = tmp_path / "out"
+
+    def recipe(data_path=good, name="recipe.yaml", **data_kw):
+        return write_yaml(tmp_path / name, sft_recipe(data_path, out, **data_kw))
+
+    return tmp_path, recipe, out
+
+
+# -- malformed recipes -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"train": {"learnig_rate": 1e-5}}, ["unknown key 'train.learnig_rate'", "did you mean 'train.learning_rate'"]),
+        ({"train": {"per_device_batch_size": 2.5}}, ["train.per_device_batch_size: expected an integer, got 2.5"]),
+        ({"train": {"warmup_ratio": 1.5}}, ["train.warmup_ratio: must be <= 1.0, got 1.5"]),
+        ({"output": None}, ["output: expected a mapping"]),
+        ({"sft": {"loss_on": "prompt"}}, ["sft.loss_on: must be one of completion, assistant, all; got 'prompt'"]),
+        ({"model": {"name_or_path": "./missing-model"}}, ["model.name_or_path: path './missing-model' does not exist"]),
+    ],
+)
+def test_malformed_recipe(capsys, setup, change, fragments):
+    tmp_path, recipe, out = setup
+    path = recipe()
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    for key, value in change.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+    write_yaml(path, raw)
+    code, err, _ = run_cli(capsys, "sft", path)
+    assert_one_error(code, err, str(path), *fragments)
+    assert not out.exists()
+
+
+def test_missing_required_key(capsys, setup):
+    tmp_path, recipe, out = setup
+    path = write_yaml(tmp_path / "r.yaml", {"stage": "sft", "data": {"sources": [{"path": "org/data"}]}, "output": {"dir": str(out)}})
+    code, err, _ = run_cli(capsys, "sft", path)
+    assert_one_error(code, err, "model: missing required key")
+
+
+def test_several_problems_one_line_each(capsys, setup):
+    tmp_path, recipe, out = setup
+    path = recipe()
+    code, err, _ = run_cli(capsys, "sft", path, "train.learning_rate=-1", "train.lr_scheduler=cosin", "data.eval_fraction=0.7")
+    assert_one_error(code, err, "train.learning_rate: must be >= 0.0", "did you mean 'cosine'", "data.eval_fraction: must be <= 0.5", lines=3)
+    assert not out.exists()
+
+
+def test_bad_yaml(capsys, setup):
+    tmp_path, _, out = setup
+    path = write_yaml(tmp_path / "bad.yaml", "stage: sft\ntrain: {learning_rate: 1e-5\n")
+    code, err, _ = run_cli(capsys, "sft", path)
+    assert_one_error(code, err, f"{path}: not valid YAML (line")
+
+
+def test_recipe_not_a_mapping(capsys, setup):
+    tmp_path, _, _ = setup
+    path = write_yaml(tmp_path / "list.yaml", "- stage\n- sft\n")
+    for argv in (["sft", path], ["validate", path]):
+        code, err, _ = run_cli(capsys, *argv)
+        assert_one_error(code, err, "a recipe must be a mapping of keys to values, got list")
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.learning_rate", "override 'train.learning_rate' must look like key.sub=value"),
+        ("output.dir.sub=1", "override 'output.dir.sub=1': 'dir' holds a value, not a section"),
+        ("data.sources.3.weight=2", "'3' is not an index of the list"),
+    ],
+)
+def test_bad_override(capsys, setup, override, fragment):
+    _, recipe, out = setup
+    code, err, _ = run_cli(capsys, "sft", recipe(), override)
+    assert_one_error(code, err, fragment)
+    assert not out.exists()
+
+
+def test_overrides_through_the_cli(capsys, setup, monkeypatch):
+    _, recipe, _ = setup
+    seen = {}
+    monkeypatch.setattr("alignment.cli.resolve", _resolver(seen))
+    code, _, _ = run_cli(capsys, "sft", recipe(), "train.learning_rate=1e-5", "data.sources.0.weight=3")
+    assert code == 0
+    assert seen["recipe"].train.learning_rate == 1e-5 and seen["recipe"].data.sources[0].weight == 3.0
+
+
+def _resolver(seen):
+    from alignment import cli
+
+    real = cli.resolve
+
+    def resolve(path):
+        if path.endswith(":run"):
+            return lambda recipe: seen.setdefault("recipe", recipe)
+        return real(path)
+
+    return resolve
+
+
+def test_validate_only_and_validate(capsys, setup):
+    _, recipe, out = setup
+    path = recipe()
+    code, _, stdout = run_cli(capsys, "sft", path, "--validate-only")
+    assert code == 0 and f"{path}: ok" in stdout
+    code, _, stdout = run_cli(capsys, "validate", path)
+    assert code == 0 and f"{path}: ok" in stdout
+    assert not out.exists()
+
+
+def test_validate_rejects_unknown_stage(capsys, setup):
+    tmp_path, _, _ = setup
+    path = write_yaml(tmp_path / "r.yaml", {"stage": "dpo"})
+    code, err, _ = run_cli(capsys, "validate", path)
+    assert_one_error(code, err, "key 'stage' must name a stage", "'dpo'")
+
+
+def test_no_recipe_given(capsys):
+    code, err, _ = run_cli(capsys, "sft")
+    assert_one_error(code, err, "give a recipe file")
+
+
+# -- malformed datasets through `alignment validate --data` ----------------------------------------
+
+@pytest.mark.parametrize(
+    "rows, fragment",
+    [
+        ([{"prompt": user("q"), "completion": assistant("a")}, '{"prompt": [}'], "row 2: not valid JSON"),
+        ([{"prompt": user("q"), "completion": assistant("a")}, {"prompt": user("q2")}], "row 2: 'completion' is missing"),
+        ([{"messages": [{"role": "human", "content": "q"}]}], "row 1: 'messages' message 1 has role 'human'"),
+        ([{"prompt": "q", "completion": 7}], "row 1: 'completion' must be a string, got int"),
+    ],
+)
+def test_malformed_dataset(capsys, setup, rows, fragment):
+    tmp_path, recipe, out = setup
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    code, err, _ = run_cli(capsys, "validate", "--data", recipe(data))
+    assert_one_error(code, err, f"{data} {fragment}")
+    assert not out.exists()
+
+
+def test_non_numeric_margin_in_rm_data(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1,5"}])
+    raw = {"stage": "rm", "model": {"name_or_path": "org/m"}, "data": {"sources": [{"path": str(data)}]}, "output": {"dir": str(tmp_path / "o")}}
+    code, err, _ = run_cli(capsys, "validate", "--data", write_yaml(tmp_path / "rm.yaml", raw))
+    assert_one_error(code, err, f"{data} row 1: 'margin' must be a number, got '1,5'")
+
+
+def test_mixed_formats_across_sources(capsys, setup):
+    tmp_path, recipe, _ = setup
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "hello"}])
+    path = recipe()
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["sources"].append({"path": str(text)})
+    write_yaml(path, raw)
+    code, err, _ = run_cli(capsys, "validate", "--data", path)
+    assert_one_error(code, err, "have different formats", "text.jsonl", "sft.jsonl")
+
+
+def test_empty_dataset(capsys, setup):
+    tmp_path, recipe, _ = setup
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, err, _ = run_cli(capsys, "validate", "--data", recipe(empty))
+    assert_one_error(code, err, f"data source '{empty}': no rows (empty dataset)")
+
+
+def test_validate_data_prints_the_report(capsys, setup):
+    _, recipe, out = setup
+    code, _, stdout = run_cli(capsys, "validate", "--data", recipe(eval_fraction=0.1))
+    assert code == 0
+    assert "data (sft, format prompt/completion (conversational)): 20 rows read" in stdout
+    assert "kept: train 18, eval 2" in stdout
+    assert not out.exists()
+
+
+# -- subprocess: help and a real traceback-free failure --------------------------------------------
+
+HELP_COMMANDS = [[], ["tiny"], ["sft"], ["rm"], ["ppo"], ["eval"], ["label"], ["label", "export"], ["label", "import"],
+                 ["label", "auto"], ["rollout"], ["rollout", "serve"], ["validate"]]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "alignment")
+def test_help(command):
+    result = subprocess.run(CLI + command + ["--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: alignment" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_help_recipe_lists_keys(capsys):
+    code, _, stdout = run_cli(capsys, "sft", "--help-recipe")
+    assert code == 0 and "train.learning_rate (default 0.0001): peak learning rate" in stdout
+    assert "data.clean.max_tokens" in stdout
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, "{nope"])
+    path = write_yaml(tmp_path / "r.yaml", sft_recipe(data, tmp_path / "out"))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(CLI + ["validate", "--data", str(path)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {data} row 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"]
+    bad = subprocess.run(CLI + ["rm", str(path), "train.max_steps=lots"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {path}: stage: must be one of rm; got 'sft'",
+        f"error: {path}: train.max_steps: expected an integer, got 'lots'",
+    ]
+    assert not (tmp_path / "out").exists()
