@@ -1,0 +1,1 @@
+"""Evaluation helpers shared by stages: gold-metric generation and scoring."""
