@@ -52,8 +52,8 @@ def atomic_directory(target: str | Path):
         os.replace(tmp, target)
 
 
-def publish(staging: Path, target: Path, keep_last: int) -> Path:
-    """Rename a fully written staging directory to `target` (a `checkpoint-<step>`), then keep the last `keep_last`.
+def publish(staging: Path, target: Path) -> Path:
+    """Rename a fully written staging directory to `target`, replacing an older one.
 
     For writers spread over several processes: each writes into `staging`, then (after a barrier) one
     process publishes. Single-process writers can use `atomic_directory` instead.
@@ -61,9 +61,13 @@ def publish(staging: Path, target: Path, keep_last: int) -> Path:
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
-    for stale in list_checkpoints(target.parent)[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def prune(root: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints under root."""
+    for stale in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def clean_partial(root: str | Path) -> None:

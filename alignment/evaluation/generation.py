@@ -104,11 +104,11 @@ def step_of(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def resolve_policies(specs: list[PolicySpec], run: RunSection | None = None, cache_dir: str | Path | None = None) -> list[Policy]:
+def resolve_policies(specs: list[PolicySpec], run: RunSection | None = None) -> list[Policy]:
     """Policies in recipe order, then the run's checkpoints (oldest first) and its final model; names made unique."""
     policies = [Policy(s.name or default_name(s.path), s.path, s.step if s.step is not None else step_of(s.path), s.path) for s in specs]
     if run is not None:
-        policies += run_policies(run, cache_dir)
+        policies += run_policies(run)
     seen: dict[str, int] = {}
     for p in policies:
         if p.name in seen:
@@ -119,7 +119,7 @@ def resolve_policies(specs: list[PolicySpec], run: RunSection | None = None, cac
     return policies
 
 
-def run_policies(run: RunSection, cache_dir: str | Path | None) -> list[Policy]:
+def run_policies(run: RunSection) -> list[Policy]:
     from alignment.checkpoint import list_checkpoints
 
     root = Path(run.dir)
@@ -128,7 +128,7 @@ def run_policies(run: RunSection, cache_dir: str | Path | None) -> list[Policy]:
     out = []
     for ckpt in chosen:
         step = step_of(ckpt.name)
-        out.append(Policy(f"{root.name}/step-{step}", str(hf_dir_of(ckpt, root, cache_dir)), step, str(ckpt)))
+        out.append(Policy(f"{root.name}/step-{step}", str(hf_dir_of(ckpt)), step, str(ckpt)))
     final = root / "final"
     if run.include_final and (final / "config.json").is_file():
         final_step = _run_steps(root)
@@ -146,66 +146,12 @@ def _run_steps(root: Path) -> int | None:
         return None
 
 
-def hf_dir_of(ckpt: Path, run_root: Path, cache_dir: str | Path | None) -> Path:
-    """An HF-format directory with the policy weights of a run checkpoint.
-
-    A checkpoint holding HF files (config.json) directly or in `policy_hf/`, `hf/` or `model/` is used as is.
-    A DeepSpeed checkpoint (`policy/`, as the PPO stage writes) is converted once into `cache_dir`:
-    the full fp32 weights are gathered with DeepSpeed's zero_to_fp32 (ZeRO-3 shards included) and saved
-    with the config and tokenizer of the run's `final/` model, else of the run's initial policy.
-    """
-    for sub in ("", "policy_hf", "hf", "model"):
+def hf_dir_of(ckpt: Path) -> Path:
+    """The HF-format policy of a run checkpoint: the checkpoint itself, or its `policy_hf/` (as PPO writes)."""
+    for sub in ("", "policy_hf"):
         if (ckpt / sub / "config.json").is_file():
             return ckpt / sub
-    if not (ckpt / "policy").is_dir():
-        raise UserError(f"checkpoint '{ckpt}' holds neither HF weights (config.json) nor a DeepSpeed policy/ checkpoint")
-    if cache_dir is None:
-        raise UserError(f"checkpoint '{ckpt}' is a DeepSpeed checkpoint; converting it needs a cache directory")
-    target = Path(cache_dir) / f"{run_root.name}-{ckpt.name}"
-    if (target / "config.json").is_file():
-        return target
-    base = _run_base_model(run_root)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from alignment.checkpoint import atomic_directory
-
-    state_dict = _deepspeed_state_dict(ckpt / "policy")
-    config = AutoConfig.from_pretrained(base)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if "lm_head" not in k or not config.tie_word_embeddings]
-    if missing or unexpected:
-        raise UserError(f"checkpoint '{ckpt}': weights do not fit the model of '{base}' (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-    return target
-
-
-def _run_base_model(root: Path) -> str:
-    if (root / "final" / "config.json").is_file():
-        return str(root / "final")
-    try:
-        import yaml
-
-        saved = yaml.safe_load((root / "recipe.yaml").read_text())
-        return str(saved["policy"]["name_or_path"])
-    except (OSError, KeyError, TypeError) as exc:
-        raise UserError(f"run '{root}': cannot find the policy architecture (no final/ model, no recipe.yaml with policy.name_or_path: {exc})") from None
-
-
-def _deepspeed_state_dict(ds_dir: Path) -> dict[str, torch.Tensor]:
-    tag = "ds" if (ds_dir / "ds").is_dir() else None
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    except (ValueError, FileNotFoundError, KeyError, AssertionError):
-        # ZeRO stage 0: the model states file holds the full weights
-        files = sorted((ds_dir / (tag or "")).glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise UserError(f"'{ds_dir}' is not a DeepSpeed checkpoint (no model states)") from None
-        return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    raise UserError(f"checkpoint '{ckpt}' holds no HF-format policy (config.json, or policy_hf/config.json)")
 
 
 # ------------------------------------------------------------------------------------------- generation

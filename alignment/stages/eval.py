@@ -54,7 +54,7 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
 
     # ---- 1. prompts and policies
     rows = load_prompt_rows(recipe.prompts)
-    policies = resolve_policies(recipe.policies, recipe.run, cache_dir=out / "converted")
+    policies = resolve_policies(recipe.policies, recipe.run)
     reference = _reference(recipe, policies)
     n, P = recipe.sampling.samples_per_prompt, len(rows)
     sampling = to_sampling(recipe.sampling)

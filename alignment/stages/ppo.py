@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,6 +65,10 @@ from rollout import SamplingConfig
 from rollout.weight_sync import named_tensors, sync_weights
 
 
+CONSOLE_KEYS = ["ppo/reward", "ppo/gold", "eval/gold", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/value_loss",
+                "ppo/logprob_mismatch", "time/step"]  # every metric goes to metrics.jsonl and TensorBoard
+
+
 @dataclass
 class LoopState:
     """Everything besides model/optimizer states that a resumed run needs to continue the same run."""
@@ -74,7 +79,9 @@ class LoopState:
     bad_steps: int = 0
 
 
-def run(recipe: PPORecipe) -> None:
+def run(recipe: PPORecipe, engine=None) -> None:
+    """Run PPO as the recipe says. `engine`: an already running rollout engine to use on rank 0 instead of
+    the recipe's (tests share one vLLM engine this way); its weights are replaced by the policy's."""
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     zero = ZeroSettings.from_accelerate_env()
@@ -121,16 +128,19 @@ def run(recipe: PPORecipe) -> None:
     latest = ckpt.latest_checkpoint(out / "checkpoints") if recipe.output.resume else None
     if latest is not None:
         state = _load_checkpoint(latest, policy, critic, kl_ctl, rank)
-    engine = _make_rollout_engine(recipe) if rank == 0 else None
-    if latest is not None:
-        sync_weights(engine, policy, version=state.step)  # the engine starts from the initial weights
+    owns_engine = engine is None
+    if rank == 0 and engine is None:
+        engine = _make_rollout_engine(recipe)
+    # The engine may hold other weights (a resumed run, a shared engine): make it serve the policy's.
+    sync_weights(engine, policy, version=state.step)
     if rank == 0:
         save_resolved(recipe, out, "ppo")
         ckpt.clean_partial(out / "checkpoints")
         print(f"ppo: {len(prompts)} prompts, {world} process(es), ZeRO stage {zero.stage}, advantage {algo.advantage}"
               + (f", resumed at step {state.step} from {latest}" if latest else ""), flush=True)
-    logger = MetricsLogger(out, console_every=recipe.output.logging_steps)
+    logger = MetricsLogger(out, console_every=recipe.output.logging_steps, console_keys=CONSOLE_KEYS)
     progress = tqdm(total=train.steps, initial=state.step, desc="ppo", disable=rank != 0)
+    last_metrics: dict[str, float] = {}
 
     while state.step < train.steps:
         step = state.step
@@ -187,7 +197,7 @@ def run(recipe: PPORecipe) -> None:
         # ---- 4. PPO epochs over minibatches (one optimizer step each), micro-batched
         t2 = time.perf_counter()
         train_stats = _train_on_batch(batch, policy, critic, recipe, kl_ctl.coef, kl_fn, tokenizer.pad_token_id, dev,
-                                      temperature, train_actor=step >= algo.critic_warmup_steps, generator_seed=train.seed * 7919 + step)
+                                      temperature, train_actor=critic is None or step >= algo.critic_warmup_steps, generator_seed=train.seed * 7919 + step)
         if train_stats.pop("bad_micro_batches") > 0:
             state.bad_steps += 1
             if state.bad_steps >= train.max_bad_steps:
@@ -232,14 +242,15 @@ def run(recipe: PPORecipe) -> None:
         if recipe.eval is not None and (state.step % recipe.eval_every == 0 or state.step == train.steps):
             metrics.update(_evaluate(recipe, engine, tokenizer) if rank == 0 else {})
         logger.log(state.step, metrics)
+        last_metrics = metrics
         progress.update(1)
         if state.step % recipe.output.save_steps == 0 or state.step == train.steps:
-            _save_checkpoint(out / "checkpoints", state, policy, critic, kl_ctl, rank, recipe.output.save_total_limit)
+            _save_checkpoint(out / "checkpoints", state, policy, critic, kl_ctl, tokenizer, rank, recipe.output.save_total_limit)
 
     progress.close()
-    _export_policy(policy, tokenizer, out / "final", rank)
+    _export_final(policy, tokenizer, out, rank, {"steps": train.steps, "final_metrics": last_metrics})
     logger.close()
-    if engine is not None:
+    if rank == 0 and owns_engine:
         engine.close()
 
 
@@ -372,31 +383,44 @@ def _make_rollout_engine(recipe: PPORecipe):
     r = recipe.rollout
     policy_path = recipe.policy.name_or_path
     if r.engine == "vllm":
-        return make_engine("vllm", model=policy_path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.train.seed)
+        return make_engine("vllm", model=policy_path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.train.seed,
+                           weight_transport=r.weight_sync)
     if r.engine == "hf":
         return make_engine("hf", model=policy_path)
     if r.launch_servers:
         from rollout.launch import launch_servers
 
         return launch_servers(policy_path, r.launch_servers, r.server_devices, dtype=r.dtype, max_model_len=r.max_model_len,
-                              seed=recipe.train.seed, timeout_s=r.timeout_s)
-    return make_engine("remote", urls=r.servers, timeout_s=r.timeout_s)
+                              seed=recipe.train.seed, timeout_s=r.timeout_s, log_dir=recipe.output.dir)
+    return make_engine("remote", urls=r.servers, timeout=r.timeout_s, wait_ready=r.timeout_s)
 
 
 def _evaluate(recipe: PPORecipe, engine, tokenizer) -> dict[str, float]:
-    """Greedy answers to held-out prompts, scored by the rule: the gold metric the run is judged by."""
-    from alignment.evaluation.gold import evaluate_gold_with_engine
+    """Answers to held-out prompts from the rollout engine (greedy by default), scored by the rule."""
+    from alignment.evaluation.gold import load_prompts, score
 
-    return {"eval/gold": evaluate_gold_with_engine(recipe.eval, engine, tokenizer)}
+    section = recipe.eval
+    prompts, columns = load_prompts(section)
+    n = section.samples_per_prompt
+    sampling = SamplingConfig(n=n, temperature=section.temperature, max_new_tokens=section.max_new_tokens, seed=recipe.train.seed)
+    samples = engine.generate([render_prompt(tokenizer, p) for p in prompts], sampling)
+    repeat = lambda values: [v for v in values for _ in range(n)]  # noqa: E731 (samples come n per prompt, prompt-major)
+    scores = score(section.reward_function, repeat(prompts), [s.text.strip() for s in samples], {k: repeat(v) for k, v in columns.items()})
+    return {"eval/gold": float(np.mean(scores))}
 
 
-def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, rank: int, keep_last: int) -> None:
-    """Every rank writes its DeepSpeed shards into a staging directory; rank 0 publishes it by rename."""
+def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, tokenizer, rank: int, keep_last: int) -> None:
+    """Every rank writes its DeepSpeed shards into a staging directory; rank 0 publishes it by rename.
+
+    Besides the DeepSpeed states needed to resume, `policy_hf/` holds the policy in HF format, so the
+    evaluation harness (and vLLM) can load any checkpoint of the run as is.
+    """
     staging = root / f".tmp-checkpoint-{state.step}"
     if rank == 0:
         ckpt.clean_partial(root)
         staging.mkdir(parents=True)
     dist.barrier()
+    _write_hf_policy(policy, tokenizer, staging / "policy_hf", rank)
     policy.save_checkpoint(str(staging / "policy"), tag="ds")
     if critic is not None:
         critic.save_checkpoint(str(staging / "critic"), tag="ds")
@@ -405,7 +429,8 @@ def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, rank:
         (staging / "loop_state.json").write_text(json.dumps({"loop": asdict(state), "kl_controller": kl_ctl.state_dict()}))
     dist.barrier()
     if rank == 0:
-        ckpt.publish(staging, root / f"checkpoint-{state.step}", keep_last)
+        ckpt.publish(staging, root / f"checkpoint-{state.step}")
+        ckpt.prune(root, keep_last)
     dist.barrier()
 
 
@@ -422,12 +447,22 @@ def _load_checkpoint(path: Path, policy, critic, kl_ctl, rank: int) -> LoopState
     return LoopState(**saved["loop"])
 
 
-def _export_policy(policy, tokenizer, target: Path, rank: int) -> None:
-    """Final policy in HF format (safetensors, full weights even under ZeRO-3), loadable by vLLM as is."""
-    state_dict = dict(named_tensors(policy))  # every rank takes part in the ZeRO-3 gathers; rank 0 gets the tensors
+def _write_hf_policy(policy, tokenizer, target: Path, rank: int) -> None:
+    """Full policy weights in HF format (safetensors) that vLLM loads as is; under ZeRO-3 every rank takes
+    part in the gathers and rank 0 writes."""
+    state_dict = dict(named_tensors(policy))
     if rank == 0:
-        with ckpt.atomic_directory(target) as tmp:
-            model = policy.module
-            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        policy.module.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+
+
+def _export_final(policy, tokenizer, out: Path, rank: int, summary: dict) -> None:
+    """`<out>/final` (the policy, published by rename) and `<out>/summary.json`."""
+    staging = out / ".tmp-final"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    _write_hf_policy(policy, tokenizer, staging, rank)
+    if rank == 0:
+        ckpt.publish(staging, out / "final")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     dist.barrier()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The main job: the whole RLHF pipeline on the built-in tiny default, on CPU, in minutes.
+#   tiny assets -> SFT -> reward model -> PPO (vLLM rollouts, DeepSpeed training) -> evaluation report
+# Each stage is the same command a user runs on real models; only the recipe and accelerate config change.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+source .venv/bin/activate
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+LAUNCH=(accelerate launch --config_file "${ACCELERATE_CONFIG:-recipes/accelerate/cpu_single.yaml}")
+
+alignment tiny --out outputs/tiny
+"${LAUNCH[@]}" -m alignment sft recipes/tiny/sft.yaml
+"${LAUNCH[@]}" -m alignment rm recipes/tiny/rm.yaml
+"${LAUNCH[@]}" -m alignment ppo recipes/tiny/ppo.yaml
+"${LAUNCH[@]}" -m alignment eval recipes/tiny/eval.yaml
+echo "report: outputs/tiny/eval/report.md"

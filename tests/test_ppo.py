@@ -1,0 +1,192 @@
+"""PPO stage end to end on the tiny default: the gold metric rises, runs resume, rewards compose, errors are clear.
+
+Runs in this process share the session's vLLM engine (`vllm_engine`); the stage syncs the policy into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from alignment.config.ppo import ADVANTAGE_CHOICES
+from alignment.config.schema import load_recipe
+from alignment.config.ppo import PPORecipe
+from alignment.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PPO = REPO / "recipes" / "tiny" / "ppo.yaml"
+
+
+def tiny_recipe(tiny_paths, sft: Path, rm: Path, out: Path, *overrides: str) -> PPORecipe:
+    """The shipped tiny PPO recipe, pointed at this run's checkpoints and data."""
+    return load_recipe(TINY_PPO, PPORecipe, [*_path_overrides(tiny_paths, sft, rm, out), *overrides])
+
+
+def _path_overrides(tiny_paths, sft, rm, out) -> list[str]:
+    return [
+        f"policy.name_or_path={sft}",
+        f"value.name_or_path={rm}",
+        f"rewards.0.path={rm}",
+        f"prompts.sources.0.path={tiny_paths.prompts}",
+        f"eval.prompts={tiny_paths.eval_prompts}",
+        f"output.dir={out}",
+    ]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_schema_advantage_choices_match_registry():
+    from typing import get_args
+
+    from alignment.ppo import ADVANTAGE_ESTIMATORS
+
+    assert set(get_args(ADVANTAGE_CHOICES)) == set(ADVANTAGE_ESTIMATORS)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_ppo_raises_gold_over_sft(advantage, tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+    from alignment.stages.ppo import run
+
+    out = tmp_path / advantage
+    recipe = tiny_recipe(tiny_paths, tiny_sft, tiny_rm, out, f"algorithm.advantage={advantage}", "train.steps=20", "eval_every=20")
+    run(recipe, engine=vllm_engine)
+    metrics = read_metrics(out)
+    sft_gold = json.loads((tiny_sft.parent / "summary.json").read_text())["gold_after"]
+    final_gold = metrics[-1]["eval/gold"]
+    print(f"{advantage}: SFT gold {sft_gold:.3f} -> PPO gold {final_gold:.3f}; final KL {metrics[-1]['ppo/kl']:.3f}")
+    assert final_gold > sft_gold + 0.15, (sft_gold, final_gold)
+    assert all(m["ppo/kl"] < 10.0 for m in metrics), "KL to the reference must stay bounded"
+    assert all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics), "vLLM and trainer log-probs must agree after every sync"
+    # The exported policy is a plain HF checkpoint.
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+
+
+def _write_reward_file(path: Path) -> Path:
+    path.write_text(
+        "def count_great(prompts, completions, **columns):\n"
+        "    return [float(c.split().count('great')) for c in completions]\n"
+    )
+    return path
+
+
+class _RewardHandler(BaseHTTPRequestHandler):
+    calls = 0
+    fail_first = 0
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        type(self).calls += 1
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if type(self).calls <= type(self).fail_first:
+            self.send_response(503)
+            self.end_headers()
+            return
+        payload = json.dumps({"rewards": [float(len(c.split())) for c in body["completions"]]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def reward_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RewardHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+def test_rule_file_and_http_rewards_compose(tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path, reward_server):
+    from alignment.stages.ppo import run
+
+    _RewardHandler.calls, _RewardHandler.fail_first = 0, 1  # one transient failure, then answers: retried
+    reward_file = _write_reward_file(tmp_path / "my_reward.py")
+    url = f"http://127.0.0.1:{reward_server.server_address[1]}/reward"
+    out = tmp_path / "composite"
+    recipe = tiny_recipe(
+        tiny_paths, tiny_sft, tiny_rm, out, "algorithm.advantage=grpo", "train.steps=2", "eval=null",
+        f"rewards=[{{kind: function, function: '{reward_file}:count_great', weight: 1.0}}, {{kind: http, url: '{url}', weight: 0.5, retries: 3}}]",
+    )
+    run(recipe, engine=vllm_engine)
+    metrics = read_metrics(out)
+    assert len(metrics) == 2 and _RewardHandler.calls == 3  # 1 failed + 2 steps
+    for m in metrics:
+        # total = 1.0 * count_great + 0.5 * words (GRPO needs no critic, the reward is the composite)
+        assert m["ppo/reward"] == pytest.approx(m["reward/0_function"] + 0.5 * m["reward/1_http"], rel=1e-5)
+        assert m["reward/1_http"] > 0
+
+
+def test_failing_reward_endpoint_gives_clear_error_after_retries():
+    from reward.remote import RemoteReward
+
+    reward = RemoteReward("http://127.0.0.1:9/none", timeout_s=0.5, retries=3, backoff_s=0.01)
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=r"failed 3 times"):
+        reward(prompts=["p"], completions=["c"])
+    assert time.perf_counter() - started < 10
+
+
+def test_nan_rewards_skip_steps_then_stop(tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+    from alignment.stages.ppo import run
+
+    nan_file = tmp_path / "nan_reward.py"
+    nan_file.write_text("def nan(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n")
+    out = tmp_path / "nan"
+    recipe = tiny_recipe(
+        tiny_paths, tiny_sft, tiny_rm, out, "algorithm.advantage=grpo", "train.steps=5", "train.max_bad_steps=2", "eval=null",
+        f"rewards=[{{kind: function, function: '{nan_file}:nan'}}]",
+    )
+    with pytest.raises(UserError, match="consecutive steps had NaN"):
+        run(recipe, engine=vllm_engine)
+    assert not (out / "final").exists()
+
+
+def _launch(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "alignment", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.mark.e2e
+def test_resume_after_kill_matches_uninterrupted_run(tiny_paths, tiny_sft, tiny_rm, tmp_path):
+    """kill -9 after a checkpoint, run the same command again: it resumes and its metrics match a run never killed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    common = ["ppo", str(TINY_PPO), "rollout.engine=hf", "train.steps=6", "output.save_steps=2", "eval=null",
+              "train.prompts_per_step=8", "algorithm.micro_batch_size=16"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = lambda out: [*common, *_path_overrides(tiny_paths, tiny_sft, tiny_rm, out)]  # noqa: E731
+
+    assert _launch(args(straight), env).wait(timeout=600) == 0
+
+    proc = _launch(args(resumed), env)
+    deadline = time.time() + 600
+    while not (resumed / "checkpoints" / "checkpoint-4").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint at step 4"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    rerun = _launch(args(resumed), env)
+    output, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, output[-3000:]
+    assert "resumed at step 4" in output
+
+    expected = {m["step"]: m for m in read_metrics(straight)}
+    got = {m["step"]: m for m in read_metrics(resumed)}  # steps 5 and 6 come from the resumed process
+    for step in (5, 6):
+        for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/response_length"):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-3, abs=1e-4), (step, key)
