@@ -30,3 +30,79 @@ def vllm_engine(tiny_paths):
     engine = VLLMEngine(str(tiny_paths.base), dtype="float32", seed=0, max_model_len=256)
     yield engine
     engine.close()
+
+
+# ----------------------------------------------------------------------------- trained tiny SFT policy and RM
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def stage_env(**extra: str) -> dict:
+    """Environment for a stage subprocess. One torch thread per process: on a busy 2-core machine torch's
+    thread pool thrashes (a tiny SFT step goes from 0.14 s to 3 s)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_stage(stage: str, recipe: str | Path, overrides: list[str], *, accelerate_config: str | None = None,
+              env: dict | None = None, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m alignment <stage> <recipe> <overrides>` (or under `accelerate launch --config_file ...`)."""
+    if accelerate_config is None:
+        cmd = [sys.executable, "-m", "alignment", stage, str(recipe), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+               "-m", "alignment", stage, str(recipe), *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env or stage_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def tiny_sft_overrides(tiny, out_dir: Path) -> list[str]:
+    """Point recipes/tiny/sft.yaml at a tiny build and an output dir."""
+    return [f"model.name_or_path={tiny.base}", f"data.sources.0.path={tiny.sft}",
+            f"gold_eval.prompts={tiny.eval_prompts}", f"output.dir={out_dir}"]
+
+
+def tiny_rm_overrides(tiny, policy: Path, out_dir: Path) -> list[str]:
+    """Point recipes/tiny/rm.yaml at a tiny build, a policy checkpoint and an output dir."""
+    return [f"model.name_or_path={policy}", f"data.sources.0.path={tiny.preferences}",
+            f"gold_agreement.prompts={tiny.eval_prompts}", f"output.dir={out_dir}"]
+
+
+def _stage_result(out_dir: Path, proc: subprocess.CompletedProcess) -> SimpleNamespace:
+    return SimpleNamespace(dir=out_dir, final=out_dir / "final", summary=json.loads((out_dir / "summary.json").read_text()),
+                           log=proc.stdout + proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_paths, tmp_path_factory):
+    """The tiny policy after SFT (recipes/tiny/sft.yaml through the real CLI, ~1 min), trained once per run.
+
+    `.final` is the exported HF checkpoint (safetensors + tokenizer); `.summary` holds eval loss and the
+    gold metric before/after; `.dir` has metrics.jsonl, checkpoints/, recipe.yaml.
+    """
+    out = tmp_path_factory.mktemp("tiny_sft") / "run"
+    proc = run_stage("sft", REPO / "recipes/tiny/sft.yaml", tiny_sft_overrides(tiny_paths, out))
+    return _stage_result(out, proc)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_paths, tiny_sft, tmp_path_factory):
+    """The tiny reward model trained from the tiny SFT policy (recipes/tiny/rm.yaml, ~40 s), trained once per run.
+
+    `.final` holds the RM (sequence classification, 1 label) with reward_stats.json; load it with
+    `reward.scoring.RewardModelScorer(tiny_rm.final)`.
+    """
+    out = tmp_path_factory.mktemp("tiny_rm") / "run"
+    proc = run_stage("rm", REPO / "recipes/tiny/rm.yaml", tiny_rm_overrides(tiny_paths, tiny_sft.final, out))
+    return _stage_result(out, proc)

@@ -46,7 +46,9 @@ class RolloutSection:
     launch_servers: int = option(0, help="engine=remote: start this many local servers (devices below) instead of using `servers`", min=0)
     server_devices: list[str] = option([], help="engine=remote with launch_servers: CUDA_VISIBLE_DEVICES for each server, e.g. ['0,1', '2,3']")
     timeout_s: float = option(120.0, help="a rollout request not answered by then is an error", min=1.0)
-    weight_sync: Literal["shm", "nccl"] = option("shm", help="shm: shared-memory files (CPU, or any engine on the trainer's host); nccl: vLLM's weight-transfer engine (colocated GPU engine)")
+    # The rollout layer also has an NCCL transport (vLLM's weight-transfer engine, trainer and vLLM on
+    # different GPUs: rollout.weight_sync.NCCLTransport); PPO does not route it to servers yet.
+    weight_sync: Literal["shm"] = option("shm", help="shm: chunked safetensors files in /dev/shm, for engines on the trainer's host")
     max_model_len: int = option(512, help="vLLM context length", min=16)
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="vLLM weights dtype; match the trainer for exact logprobs")
     sampling: SamplingSection = option(SamplingSection(), help="sampling parameters")
@@ -122,8 +124,6 @@ class PPORecipe:
             errors.append("rollout.servers: give server URLs or rollout.launch_servers when rollout.engine is 'remote'")
         if self.algorithm.kl.target is not None and self.algorithm.kl.target <= 0:
             errors.append(f"algorithm.kl.target: must be > 0 for the adaptive controller, got {self.algorithm.kl.target}")
-        if self.rollout.engine == "remote" and self.rollout.weight_sync != "shm":
-            errors.append("rollout.weight_sync: rollout servers sync through 'shm' (same host) for now; 'nccl' needs rollout.engine: vllm")
         if not self.rewards:
             errors.append("rewards: give at least one reward term")
         return errors

@@ -1,0 +1,226 @@
+"""VLLMEngine: a colocated, in-process `vllm.LLM` behind the RolloutEngine interface."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+
+from rollout.types import Sample, SamplingConfig, SyncStats
+from rollout.weight_sync import DEFAULT_CHUNK_BYTES, NCCLTransport, ShmTransport
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "rollout.worker_extension.WeightSyncExtension"
+
+# The logprob of each sampled token under the distribution it was actually drawn from:
+# log_softmax(logits / temperature) after top-k/top-p masking. vLLM's default, "raw_logprobs",
+# ignores the temperature, which would bias every PPO importance ratio at T != 1.
+LOGPROBS_MODE = "processed_logprobs"
+
+
+def to_sampling_params(sampling: SamplingConfig, prompt_index: int = 0):
+    """SamplingConfig -> vllm.SamplingParams (prompt i gets seed `seed + i`)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k if sampling.top_k > 0 else 0,
+        max_tokens=sampling.max_new_tokens,
+        stop=list(sampling.stop) or None,
+        stop_token_ids=list(sampling.stop_token_ids) or None,
+        seed=None if sampling.seed is None else sampling.seed + prompt_index,
+        logprobs=0,  # only the sampled token's logprob
+        flat_logprobs=True,  # primitive lists instead of one dict + Logprob object per token
+        # vLLM would also detokenize every logprob token, one call per token; without stop strings
+        # we skip its detokenizer (stop strings need it) and decode each completion once.
+        detokenize=bool(sampling.stop),
+    )
+
+
+def to_vllm_prompt(prompt: str | list[int]):
+    if isinstance(prompt, str):
+        return prompt
+    return {"prompt_token_ids": [int(t) for t in prompt]}
+
+
+def _sampled_logprobs(logprobs, ids: list[int]) -> list[float]:
+    """The sampled token's logprob at each position (vLLM puts the sampled token first)."""
+    if logprobs is None or len(logprobs) != len(ids):
+        raise RuntimeError("vLLM returned no per-token logprobs (SamplingParams.logprobs must be 0)")
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
+        starts = logprobs.start_indices
+        if any(logprobs.token_ids[s] != t for s, t in zip(starts, ids)):
+            raise RuntimeError("vLLM logprobs are not those of the sampled tokens")
+        return [float(logprobs.logprobs[s]) for s in starts]
+    return [float(step[t].logprob) for step, t in zip(logprobs, ids)]
+
+
+def samples_from_outputs(outputs, weight_version: int) -> list[Sample]:
+    """vllm RequestOutputs (one per prompt, in order) -> flat list of Samples."""
+    samples = []
+    for i, out in enumerate(outputs):
+        prompt_ids = list(out.prompt_token_ids)
+        for c in out.outputs:
+            ids = list(c.token_ids)
+            lps = _sampled_logprobs(c.logprobs, ids)
+            reason = c.finish_reason or "length"
+            samples.append(
+                Sample(
+                    prompt_index=i,
+                    prompt_ids=prompt_ids,
+                    completion_ids=ids,
+                    text=c.text or "",
+                    logprobs=lps,
+                    finish_reason=reason,
+                    weight_version=weight_version,
+                )
+            )
+    return samples
+
+
+class VLLMEngine:
+    """Generation with an in-process `vllm.LLM`; weight updates through `weight_transport`.
+
+    model: HF-format checkpoint directory (or hub name). On CPU the engine runs float32, eager,
+    with `VLLM_CPU_KVCACHE_SPACE` GiB of KV cache (`kv_cache_gib`, default 1). Any other
+    `vllm.LLM` keyword passes through `llm_kwargs`.
+
+    weight_transport: "shm" (CPU / same host: chunked safetensors in /dev/shm, loaded by the worker
+    extension; the default) or "nccl" (GPU: vLLM's native weight-transfer API, see NCCLTransport;
+    pass `nccl={"master_port": ..., "world_size": ...}`).
+
+    Build it under `if __name__ == "__main__":`: vLLM spawns its engine-core process.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str | None = None,
+        seed: int = 0,
+        max_model_len: int = 1024,
+        enforce_eager: bool | None = None,
+        kv_cache_gib: float = 1,
+        gpu_memory_utilization: float | None = None,
+        tokenizer: str | None = None,
+        weight_transport: str = "shm",
+        shm_dir: str | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        nccl: dict | None = None,
+        **llm_kwargs,
+    ):
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
+        from vllm import LLM
+
+        if weight_transport not in ("shm", "nccl"):
+            raise ValueError(f"weight_transport must be 'shm' or 'nccl', got {weight_transport!r}")
+        if llm_kwargs.get("logprobs_mode", LOGPROBS_MODE) != LOGPROBS_MODE:
+            log.warning("logprobs_mode=%s: sample logprobs will not be the sampling distribution's", llm_kwargs["logprobs_mode"])
+        llm_kwargs.setdefault("logprobs_mode", LOGPROBS_MODE)
+        if weight_transport == "nccl":
+            from vllm.config import WeightTransferConfig
+
+            llm_kwargs.setdefault("weight_transfer_config", WeightTransferConfig(backend="nccl"))
+        if gpu_memory_utilization is not None:
+            llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self.model = str(model)
+        self.llm = LLM(
+            model=self.model,
+            tokenizer=tokenizer,
+            dtype=dtype or ("float32" if on_cpu else "auto"),
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            seed=seed,
+            max_model_len=max_model_len,
+            worker_extension_cls=WORKER_EXTENSION,
+            **llm_kwargs,
+        )
+        self.weight_version = 0
+        self.weight_transport = weight_transport
+        self._shm = ShmTransport(shm_dir, chunk_bytes)
+        self._nccl = NCCLTransport(self.llm, **(nccl or {})) if weight_transport == "nccl" else None
+
+    # ------------------------------------------------------------------------------ generation
+    def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingConfig) -> list[Sample]:
+        if not prompts:
+            return []
+        params = [to_sampling_params(sampling, i) for i in range(len(prompts))]
+        outputs = self.llm.generate([to_vllm_prompt(p) for p in prompts], params, use_tqdm=False)
+        samples = samples_from_outputs(outputs, self.weight_version)
+        # Text = the completion decoded on its own (as HFEngine and TRL do; vLLM's incremental
+        # detokenizer would prefix the prompt/completion separator, e.g. a space, for word-level
+        # tokenizers), cut before a matched stop string.
+        stop_reasons = [c.stop_reason for out in outputs for c in out.outputs]
+        texts = self.llm.get_tokenizer().batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+        for s, text, stop in zip(samples, texts, stop_reasons):
+            if isinstance(stop, str) and stop in text:
+                text = text[: text.index(stop)]
+            s.text = text
+        return samples
+
+    # ------------------------------------------------------------------------------ weights
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
+        """Load new weights (HF names) into the running engine and tag later samples with `version`."""
+        if self._nccl is not None:
+            stats = self._nccl.send(named_tensors, version)
+        else:
+            try:
+                stats = self._shm.send(
+                    named_tensors,
+                    begin=self.begin_weight_update,
+                    load=self.load_weight_file,
+                    finish=self._finish_reload,
+                )
+            except Exception:
+                # Close the half-done reload session so the engine keeps serving (layers that got no
+                # new weights keep their old ones); the version stays the old one.
+                try:
+                    self._finish_reload()
+                except Exception as exc:
+                    log.error("could not close the failed weight update: %s", exc)
+                raise
+        self._after_update(version)
+        return stats
+
+    def begin_weight_update(self) -> None:
+        self.llm.collective_rpc("rollout_begin_reload")
+
+    def load_weight_file(self, path: str, delete: bool = True) -> None:
+        self.llm.collective_rpc("rollout_load_file", kwargs={"path": path, "delete": delete})
+
+    def _finish_reload(self) -> None:
+        self.llm.collective_rpc("rollout_finish_reload")
+
+    def finish_weight_update(self, version: int) -> None:
+        self._finish_reload()
+        self._after_update(version)
+
+    def _after_update(self, version: int) -> None:
+        # Cached prefixes hold KV computed with the old weights.
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # best effort: the process may already be gone
+            log.debug("vLLM shutdown: %s", exc)
+        del llm
+        import gc
+
+        gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

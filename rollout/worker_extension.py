@@ -1,0 +1,47 @@
+"""Methods mixed into every vLLM worker (`LLM(worker_extension_cls="rollout.worker_extension.WeightSyncExtension")`).
+
+vLLM merges this class into its worker class, so `self` is the worker: `self.model_runner` holds the
+model. The trainer side calls these through `LLM.collective_rpc("<method name>", kwargs=...)`; a
+class path string needs no `VLLM_ALLOW_INSECURE_SERIALIZATION`.
+
+Loading must go through vLLM's layerwise reload lifecycle (begin, any number of `load_weights`
+calls, finish): on CPU in float32 the backend repacks each linear weight into a oneDNN handle and
+leaves an empty parameter behind, so a bare `model.load_weights` fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class WeightSyncExtension:
+    """Worker-side half of the shm weight sync (see rollout.weight_sync.ShmTransport)."""
+
+    def rollout_begin_reload(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+        self._rollout_loaded = 0
+
+    def rollout_load_file(self, path: str, delete: bool = True) -> int:
+        """Load one safetensors chunk into the model (inside a reload session); returns tensor count."""
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path)
+        finally:
+            if delete and os.path.exists(path):
+                os.remove(path)
+        self.model_runner.get_model().load_weights(weights=list(tensors.items()))
+        self._rollout_loaded = getattr(self, "_rollout_loaded", 0) + len(tensors)
+        return len(tensors)
+
+    def rollout_finish_reload(self) -> int:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+        loaded, self._rollout_loaded = getattr(self, "_rollout_loaded", 0), 0
+        return loaded
+
+    def rollout_param_names(self) -> list[str]:
+        return [n for n, _ in self.model_runner.get_model().named_parameters()]

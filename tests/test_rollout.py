@@ -1,0 +1,346 @@
+"""Rollout engines against real vLLM on CPU (fp32), the tiny default model, and transformers.
+
+The colocated engine is the session-wide `vllm_engine` of tests/conftest.py (start-up ~40 s); every
+test here syncs the weights it compares against first. The remote-server test starts a second
+engine in a subprocess, launched by the first vLLM test so the two start-ups overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment.errors import RolloutError
+from alignment.ppo.logprobs import completion_logprobs
+from alignment.ppo.mismatch import token_mult_prob_error
+from rollout import SamplingConfig, SyncStats, make_engine, named_tensors
+from rollout.types import RolloutEngine, Sample
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["how is my laptop", "give me a opinion on my phone", "describe my blue camera", "a broken mouse and a heavy kettle"]
+MAX_LEN = 256
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def load_hf(model_dir: Path, state: dict[str, torch.Tensor] | None = None):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if state is not None:
+        result = model.load_state_dict(state, strict=False)
+        assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result
+    return model
+
+
+def random_weights(model_dir: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A fresh weight set for the model's parameters: matrices N(0, 0.15), norm gains 1 + N(0, 0.1).
+
+    Wide enough that next-token distributions are neither flat (greedy ties) nor one-hot.
+    """
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, p in load_hf(model_dir).named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        weights[name] = 0.15 * noise if p.dim() > 1 else 1 + 0.1 * noise
+    return weights
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        do_sample=False, max_new_tokens=max_new_tokens, top_k=None, top_p=None, temperature=None,
+    )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@torch.no_grad()
+def trainer_logprobs(model, samples: list[Sample], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample trainer recompute; returns (sampler, trainer) logprobs as flat [1, N] tensors."""
+    ours, theirs = [], []
+    for s in samples:
+        ids = torch.tensor([s.prompt_ids + s.completion_ids])
+        logits = model(ids).logits
+        theirs.append(completion_logprobs(logits, ids, len(s.prompt_ids), temperature=temperature)[0])
+        ours.append(torch.tensor(s.logprobs))
+    return torch.cat(ours)[None], torch.cat(theirs)[None]
+
+
+def assert_greedy_matches(engine, hf_model, prompts=PROMPTS, n_new: int = 16) -> list[Sample]:
+    samples = engine.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=n_new))
+    assert len(samples) == len(prompts)
+    for s in samples:
+        expected = hf_greedy(hf_model, s.prompt_ids, n_new)
+        assert s.completion_ids == expected, f"prompt {s.prompt_index}: vLLM {s.completion_ids} != HF {expected}"
+    return samples
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_paths) -> Path:
+    return Path(tiny_paths.base)
+
+
+@pytest.fixture(scope="module")
+def server_proc(tiny_dir, tmp_path_factory):
+    """A rollout server subprocess, started first so its start-up overlaps the in-process engine's."""
+    port = free_port()
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO))
+    log = open(tmp_path_factory.mktemp("rollout_server") / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout.server", "--model", str(tiny_dir), "--port", str(port), "--max-model-len", str(MAX_LEN)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    yield proc, f"http://127.0.0.1:{port}"
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log.close()
+
+
+# ------------------------------------------------------------------------------------------ tests without vLLM
+
+
+def test_sampling_config_round_trip():
+    cfg = SamplingConfig(temperature=0.7, top_k=5, stop=["\n"], stop_token_ids=[2], seed=3, n=2)
+    assert SamplingConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError):
+        SamplingConfig(temperature=-1)
+
+
+def test_write_chunks_bounds_and_cleans_up(tmp_path):
+    from safetensors.torch import load_file
+
+    from rollout.weight_sync import write_chunks
+
+    pairs = [(f"w{i}", torch.full((256,), float(i))) for i in range(10)]  # 1 KiB each
+    seen = {}
+    for chunk in write_chunks(pairs, str(tmp_path), chunk_bytes=3000):
+        assert chunk.bytes <= 3072 and os.path.exists(chunk.path)
+        seen.update(load_file(chunk.path))
+    assert sorted(seen) == sorted(n for n, _ in pairs) and torch.equal(seen["w7"], pairs[7][1])
+    assert list(tmp_path.iterdir()) == []  # every chunk removed, no temp files left
+
+
+def test_named_tensors_plain_module_strips_wrapper():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+
+    class Wrapper(torch.nn.Module):  # like a DeepSpeed engine / DDP: the model sits in .module
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    names = [n for n, _ in named_tensors(Wrapper(model))]
+    assert names == ["0.weight", "0.bias"]
+    assert all(t.dtype == torch.bfloat16 for _, t in named_tensors(model, dtype=torch.bfloat16))
+
+
+def test_hung_server_times_out():
+    """A socket that accepts connections but never answers: RolloutError within the timeout."""
+    from rollout.remote import RemoteEngine
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        engine = RemoteEngine(url, timeout=2)
+        start = time.monotonic()
+        with pytest.raises(RolloutError, match=r"did not answer within 2 s"):
+            engine.generate(["how is"], SamplingConfig(max_new_tokens=4))
+        assert time.monotonic() - start < 6
+        engine.close()
+
+
+def test_dead_server_is_unreachable():
+    from rollout.remote import RemoteEngine
+
+    engine = RemoteEngine(f"http://127.0.0.1:{free_port()}", timeout=5)
+    with pytest.raises(RolloutError, match="unreachable"):
+        engine.generate(["how is"], SamplingConfig(max_new_tokens=4))
+
+
+def test_hf_engine_interface(tiny_dir):
+    engine = make_engine("hf", model=str(tiny_dir))
+    assert isinstance(engine, RolloutEngine)
+    state = random_weights(tiny_dir, seed=10)
+    engine.update_weights(state.items(), version=0)
+    samples = assert_greedy_matches(engine, load_hf(tiny_dir, state))
+    assert all(isinstance(s, Sample) and s.weight_version == 0 for s in samples)
+
+    state = random_weights(tiny_dir, seed=11)
+    stats = engine.update_weights(state.items(), version=4)
+    assert isinstance(stats, SyncStats) and stats.bytes == sum(t.nbytes for t in state.values())
+    assert_greedy_matches(engine, load_hf(tiny_dir, state))
+
+    sampling = SamplingConfig(temperature=0.8, top_k=20, max_new_tokens=12, n=2, seed=1, stop_token_ids=[5])
+    samples = engine.generate([[1, 40, 41], "my phone"], sampling)
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
+    assert samples == engine.generate([[1, 40, 41], "my phone"], sampling)  # seeded: reproducible
+    for s in samples:
+        assert s.weight_version == 4 and len(s.logprobs) == len(s.completion_ids) > 0
+        assert s.finish_reason in ("stop", "length")
+        assert all(lp <= 0 for lp in s.logprobs)
+    engine.close()
+
+
+# ------------------------------------------------------------------------------------------ vLLM
+
+
+def test_vllm_sync_then_greedy_matches_transformers(server_proc, vllm_engine, tiny_dir):
+    # (server_proc only to launch the remote test's server now, so both engines start together)
+    state = random_weights(tiny_dir, seed=1)
+    stats = vllm_engine.update_weights(state.items(), version=1)
+    assert stats.bytes == sum(t.nbytes for t in state.values()) and stats.seconds > 0
+    assert stats.tensors == len(state)
+    samples = assert_greedy_matches(vllm_engine, load_hf(tiny_dir, state))
+    assert all(s.weight_version == 1 for s in samples)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_vllm_logprobs_match_trainer(vllm_engine, tiny_dir, temperature):
+    state = random_weights(tiny_dir, seed=2)
+    vllm_engine.update_weights(state.items(), version=10)
+    prompts = PROMPTS + [[1, 30, 31, 32]]
+    sampling = SamplingConfig(temperature=temperature, max_new_tokens=24, n=2, seed=0)
+    samples = vllm_engine.generate(prompts, sampling)
+    assert len(samples) == 2 * len(prompts)
+    assert [s.prompt_index for s in samples] == [i for i in range(len(prompts)) for _ in range(2)]
+    ours, trainer = trainer_logprobs(load_hf(tiny_dir, state), samples, temperature)
+    error = token_mult_prob_error(ours, trainer, torch.ones_like(trainer))
+    assert error < 1.02, error
+    # the metric must see a difference: the T=1 logprobs of the same tokens differ at T != 1
+    if temperature != 1.0:
+        _, at_t1 = trainer_logprobs(load_hf(tiny_dir, state), samples, 1.0)
+        assert token_mult_prob_error(ours, at_t1, torch.ones_like(at_t1)) > 1.02
+
+
+def test_vllm_seed_stop_and_token_prompts(vllm_engine):
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=16, seed=5, n=3)
+    a = vllm_engine.generate(["how is", [1, 40, 41]], sampling)
+    b = vllm_engine.generate(["how is", [1, 40, 41]], sampling)
+    assert [s.completion_ids for s in a] == [s.completion_ids for s in b]
+    assert a[3].prompt_ids == [1, 40, 41]
+    first = a[0].completion_ids[2]
+    stopped = vllm_engine.generate(["how is"], SamplingConfig(temperature=1.0, max_new_tokens=16, seed=5, stop_token_ids=[first]))
+    assert stopped[0].finish_reason == "stop" and stopped[0].completion_ids[-1] == first
+
+    # text is the completion decoded on its own, the same with and without stop strings
+    tok = vllm_engine.llm.get_tokenizer()
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    plain = vllm_engine.generate(["how is"], greedy)[0]
+    assert plain.text == tok.decode(plain.completion_ids, skip_special_tokens=True)
+    words = plain.text.split()
+    if len(words) >= 3:
+        stop = " " + words[2]
+        cut = vllm_engine.generate(["how is"], SamplingConfig(temperature=0.0, max_new_tokens=12, stop=[stop]))[0]
+        assert cut.finish_reason == "stop" and plain.text.startswith(cut.text) and stop not in cut.text
+        assert cut.text == plain.text[: plain.text.index(stop)]
+
+
+def test_vllm_versions_follow_alternating_syncs(vllm_engine, tiny_dir):
+    sets = {"A": random_weights(tiny_dir, seed=3), "B": random_weights(tiny_dir, seed=4)}
+    hf = {k: load_hf(tiny_dir, v) for k, v in sets.items()}
+    outputs = {}
+    for version, key in enumerate(["A", "B", "A", "B"], start=20):
+        vllm_engine.update_weights(sets[key].items(), version=version)
+        assert vllm_engine.weight_version == version
+        samples = assert_greedy_matches(vllm_engine, hf[key], n_new=12)
+        assert all(s.weight_version == version for s in samples)
+        outputs.setdefault(key, []).append([s.completion_ids for s in samples])
+    assert outputs["A"][0] == outputs["A"][1] and outputs["A"][0] != outputs["B"][0]
+
+
+def test_vllm_chunked_sync(vllm_engine, tiny_dir):
+    """Many small shm chunks in one reload session give the same model as one big file."""
+    state = random_weights(tiny_dir, seed=5)
+    old = vllm_engine._shm.chunk_bytes
+    vllm_engine._shm.chunk_bytes = 64 * 1024
+    try:
+        vllm_engine.update_weights(state.items(), version=30)
+    finally:
+        vllm_engine._shm.chunk_bytes = old
+    assert_greedy_matches(vllm_engine, load_hf(tiny_dir, state))
+    from rollout.weight_sync import default_shm_dir
+
+    assert not [f for f in os.listdir(default_shm_dir()) if f.startswith(f"rollout-weights-{os.getpid()}-")]
+
+
+# ------------------------------------------------------------------------------------------ remote
+
+
+def test_remote_server_generate_sync_and_death(server_proc, tiny_dir):
+    from rollout.remote import RemoteEngine
+
+    proc, url = server_proc
+    engine = make_engine("remote", urls=[url], timeout=60, wait_ready=240)
+    assert engine.health()["status"] == "ok"
+    assert len(engine.generate(PROMPTS, SamplingConfig(max_new_tokens=4))) == len(PROMPTS)
+
+    state = random_weights(tiny_dir, seed=6)
+    stats = engine.update_weights(state.items(), version=7)
+    assert stats.bytes > 0 and engine.weight_version == 7
+    samples = assert_greedy_matches(engine, load_hf(tiny_dir, state))
+    assert all(s.weight_version == 7 for s in samples)
+
+    # data parallel: the same server listed twice gets half the prompts each; order is kept
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)
+    dp = RemoteEngine([url, url], timeout=60)
+    split = dp.generate(PROMPTS + PROMPTS[:1], sampling)
+    whole = engine.generate(PROMPTS + PROMPTS[:1], sampling)
+    assert [s.prompt_index for s in split] == list(range(5))
+    assert [s.completion_ids for s in split] == [s.completion_ids for s in whole]
+
+    proc.kill()
+    proc.wait(30)
+    start = time.monotonic()
+    with pytest.raises(RolloutError, match=r"rollout server http://127\.0\.0\.1:\d+ "):
+        engine.generate(PROMPTS, SamplingConfig(max_new_tokens=4))
+    assert time.monotonic() - start < 60
+    engine.close()
+    dp.close()
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and the CUDA vllm build")
+def test_nccl_transport_gpu(tmp_path):  # pragma: no cover - runs only on a 2-GPU machine
+    """NCCL sync into a vLLM engine on another GPU (needs 2 GPUs; see rollout.weight_sync.NCCLTransport)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL weight transfer needs the trainer and vLLM on different GPUs")
+    from rollout.vllm_engine import VLLMEngine
+
+    from alignment.tiny import build_tiny
+
+    model_dir = Path(build_tiny(tmp_path / "tiny").base)
+    torch.cuda.set_device(0)
+    os.environ["CUDA_VISIBLE_DEVICES"] = "1"  # the engine's worker process gets GPU 1
+    engine = VLLMEngine(str(model_dir), max_model_len=MAX_LEN, weight_transport="nccl",
+                        nccl={"master_port": free_port(), "world_size": 2}, gpu_memory_utilization=0.2)
+    state = random_weights(model_dir, seed=1)
+    stats = engine.update_weights(((k, v.cuda()) for k, v in state.items()), version=1)
+    assert stats.bytes > 0 and engine.weight_version == 1
+    engine.close()
