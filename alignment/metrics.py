@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -53,3 +54,22 @@ class MetricsLogger:
         self._jsonl.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep only rows logged at or before `last_step`: a resumed run drops what its killed predecessor logged
+    after the checkpoint it resumes from (and a line cut by the kill); a fresh run (0) starts an empty file."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if 0 < row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

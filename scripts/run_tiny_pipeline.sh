@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source .venv/bin/activate
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+# One torch thread per process: these tiny models gain nothing from more, and on 2 cores shared by several
+# processes (vLLM engine, DeepSpeed ranks) the thread pools thrash (a tiny SFT step: 0.14 s -> 3 s).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 LAUNCH=(accelerate launch --config_file "${ACCELERATE_CONFIG:-recipes/accelerate/cpu_single.yaml}")
 
 alignment tiny --out outputs/tiny

@@ -21,21 +21,22 @@ from alignment.config.ppo import ADVANTAGE_CHOICES
 from alignment.config.schema import load_recipe
 from alignment.config.ppo import PPORecipe
 from alignment.errors import UserError
+from conftest import stage_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PPO = REPO / "recipes" / "tiny" / "ppo.yaml"
 
 
-def tiny_recipe(tiny_paths, sft: Path, rm: Path, out: Path, *overrides: str) -> PPORecipe:
-    """The shipped tiny PPO recipe, pointed at this run's checkpoints and data."""
+def tiny_recipe(tiny_paths, sft, rm, out: Path, *overrides: str) -> PPORecipe:
+    """The shipped tiny PPO recipe, pointed at this run's SFT and RM checkpoints (fixtures) and data."""
     return load_recipe(TINY_PPO, PPORecipe, [*_path_overrides(tiny_paths, sft, rm, out), *overrides])
 
 
 def _path_overrides(tiny_paths, sft, rm, out) -> list[str]:
     return [
-        f"policy.name_or_path={sft}",
-        f"value.name_or_path={rm}",
-        f"rewards.0.path={rm}",
+        f"policy.name_or_path={sft.final}",
+        f"value.name_or_path={rm.final}",
+        f"rewards.0.path={rm.final}",
         f"prompts.sources.0.path={tiny_paths.prompts}",
         f"eval.prompts={tiny_paths.eval_prompts}",
         f"output.dir={out}",
@@ -63,7 +64,7 @@ def test_ppo_raises_gold_over_sft(advantage, tiny_paths, tiny_sft, tiny_rm, vllm
     recipe = tiny_recipe(tiny_paths, tiny_sft, tiny_rm, out, f"algorithm.advantage={advantage}", "train.steps=20", "eval_every=20")
     run(recipe, engine=vllm_engine)
     metrics = read_metrics(out)
-    sft_gold = json.loads((tiny_sft.parent / "summary.json").read_text())["gold_after"]
+    sft_gold = tiny_sft.summary["gold_after"]
     final_gold = metrics[-1]["eval/gold"]
     print(f"{advantage}: SFT gold {sft_gold:.3f} -> PPO gold {final_gold:.3f}; final KL {metrics[-1]['ppo/kl']:.3f}")
     assert final_gold > sft_gold + 0.15, (sft_gold, final_gold)
@@ -165,7 +166,7 @@ def _launch(args: list[str], env: dict) -> subprocess.Popen:
 @pytest.mark.e2e
 def test_resume_after_kill_matches_uninterrupted_run(tiny_paths, tiny_sft, tiny_rm, tmp_path):
     """kill -9 after a checkpoint, run the same command again: it resumes and its metrics match a run never killed."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = stage_env(PYTHONUNBUFFERED="1")
     common = ["ppo", str(TINY_PPO), "rollout.engine=hf", "train.steps=6", "output.save_steps=2", "eval=null",
               "train.prompts_per_step=8", "algorithm.micro_batch_size=16"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -190,3 +191,27 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_paths, tiny_sft, tiny_
     for step in (5, 6):
         for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/response_length"):
             assert got[step][key] == pytest.approx(expected[step][key], rel=1e-3, abs=1e-4), (step, key)
+
+
+@pytest.mark.e2e
+def test_zero3_two_processes_with_rollout_server(tiny_paths, tiny_sft, tiny_rm, tmp_path):
+    """2 training processes under DeepSpeed ZeRO-3 + a rollout server in its own process, synced every step."""
+    from conftest import run_stage
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "zero3"
+    run_stage(
+        "ppo", TINY_PPO,
+        [*_path_overrides(tiny_paths, tiny_sft, tiny_rm, out), "rollout.engine=remote", "rollout.launch_servers=1",
+         "train.steps=3", "output.save_steps=2", "eval=null", "algorithm.critic_warmup_steps=0"],
+        accelerate_config=REPO / "recipes" / "accelerate" / "cpu_zero3.yaml", timeout=900,
+    )
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics), [m["ppo/logprob_mismatch"] for m in metrics]
+    assert all(m["sync/bytes"] > 0 for m in metrics)
+    assert metrics[-1]["ppo/kl"] > 0, "the policy must have moved away from the reference"
+    # Full (gathered) weights, in HF format, in the checkpoint and the final export.
+    for model_dir in (out / "checkpoints" / "checkpoint-2" / "policy_hf", out / "final"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        assert sum(p.numel() for p in model.parameters()) == 351_616

@@ -118,8 +118,9 @@ class PPORecipe:
         errors = [e for i, r in enumerate(self.rewards) for e in r.check(f"rewards.{i}")]
         if self.algorithm.advantage == "gae" and self.value is None:
             errors.append("value: required when algorithm.advantage is 'gae' (or choose a critic-free estimator such as grpo)")
-        if self.algorithm.advantage in ("grpo", "dr_grpo", "rloo", "reinforce++_baseline") and self.rollout.sampling.samples_per_prompt < 2:
-            errors.append(f"rollout.sampling.samples_per_prompt: {self.algorithm.advantage} needs groups of at least 2")
+        from alignment.ppo.advantages import validate_advantage_estimator  # the registry knows each estimator's needs
+
+        errors += [f"algorithm.advantage: {e}" for e in validate_advantage_estimator(self.algorithm.advantage, self.rollout.sampling.samples_per_prompt)]
         if self.rollout.engine == "remote" and not (self.rollout.servers or self.rollout.launch_servers):
             errors.append("rollout.servers: give server URLs or rollout.launch_servers when rollout.engine is 'remote'")
         if self.algorithm.kl.target is not None and self.algorithm.kl.target <= 0:

@@ -15,6 +15,7 @@ class SFTOptions:
     )
     packing: bool = option(False, help="pack several examples into each sequence")
     merge_lora_on_export: bool = option(True, help="merge LoRA adapters into the base weights in the final export")
+    probe_examples: int = option(16, help="held-out examples whose loss the trained model reports in summary.json (export check)", min=0)
 
 
 @recipe
@@ -25,4 +26,9 @@ class SFTRecipe:
     train: TrainSection = option(TrainSection(), help="optimisation")
     output: OutputSection = required(help="outputs")
     sft: SFTOptions = option(SFTOptions(), help="SFT-specific options")
-    gold_eval: GoldEvalSection | None = option(None, help="score generations on held-out prompts with a rule at the end")
+    gold_eval: GoldEvalSection | None = option(None, help="score generations on held-out prompts with a rule before and after training")
+
+    def check(self) -> list[str]:
+        from alignment.config.rm import _check_early_stopping
+
+        return _check_early_stopping(self.train)

@@ -207,11 +207,10 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
 def validate_advantage_estimator(name: str, group_size: int) -> list[str]:
     """Config-time check; returns error messages (empty when fine) for the config to report together."""
     if name not in ADVANTAGE_ESTIMATORS:
-        return [f"advantage_estimator {name!r} is unknown; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"]
+        return [f"{name!r} is not an advantage estimator; choose one of {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"]
     needed = ADVANTAGE_ESTIMATORS[name].min_group_size
     if group_size < needed:
         return [
-            f"advantage_estimator {name!r} compares samples of the same prompt and needs "
-            f"group_size (samples per prompt) >= {needed}, got {group_size}"
+            f"{name!r} compares samples of the same prompt: it needs at least {needed} samples per prompt, got {group_size}"
         ]
     return []

@@ -28,7 +28,7 @@ from alignment.config.ppo import PPORecipe
 from alignment.config.schema import save_resolved
 from alignment.data import load_stage_data
 from alignment.errors import UserError
-from alignment.metrics import MetricsLogger
+from alignment.metrics import MetricsLogger, truncate_metrics
 from alignment.ppo import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
@@ -136,6 +136,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
     if rank == 0:
         save_resolved(recipe, out, "ppo")
         ckpt.clean_partial(out / "checkpoints")
+        truncate_metrics(out / "metrics.jsonl", state.step)
         print(f"ppo: {len(prompts)} prompts, {world} process(es), ZeRO stage {zero.stage}, advantage {algo.advantage}"
               + (f", resumed at step {state.step} from {latest}" if latest else ""), flush=True)
     logger = MetricsLogger(out, console_every=recipe.output.logging_steps, console_keys=CONSOLE_KEYS)

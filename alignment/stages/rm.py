@@ -1,0 +1,244 @@
+"""`alignment rm recipe.yaml`: a Bradley-Terry reward model on preference pairs with TRL's RewardTrainer.
+
+loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin) [+ c * mean((r_chosen + r_rejected)^2)]
+
+Reads top to bottom: setup -> data (tokenised here, so over-long pairs are counted, then dropped or
+truncated by `rm.overlong`; TRL would drop them silently) -> train (resumable) -> held-out accuracy and
+margins -> export to `<output.dir>/final` (+ reward_stats.json) -> optional gold agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from alignment import distributed
+from alignment.config.rm import RMRecipe
+from alignment.config.schema import save_resolved
+from alignment.stages import common
+
+
+def run(recipe: RMRecipe) -> dict:
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from alignment.data import load_stage_data
+    from reward.scoring import STATS_FILE, RewardModelScorer
+
+    # ---- setup: world, output layout, resume point
+    configured_state = common.setup_distributed()
+    layout = common.RunLayout(Path(recipe.output.dir))
+    resume = common.prepare_output(layout, recipe.output)
+    if distributed.is_main():
+        save_resolved(recipe, layout.root, "rm")
+    logger = common.make_logger(layout)
+    tokenizer = common.load_tokenizer(recipe.model)
+
+    # ---- data: tokenise pairs ourselves so that over-long pairs are counted before anything drops them
+    data = load_stage_data(recipe.data, "preference", tokenizer)
+    train, train_counts = tokenize_pairs(data.train, tokenizer, recipe.train.max_length, recipe.rm.overlong, recipe.rm.use_margin)
+    evald, eval_counts = (tokenize_pairs(data.eval, tokenizer, recipe.train.max_length, recipe.rm.overlong, recipe.rm.use_margin)
+                          if data.eval is not None else (None, None))
+    summary: dict = {"resumed_from": str(resume) if resume else None, "overlong": {"train": train_counts, "eval": eval_counts}}
+    if distributed.is_main():
+        print(data.report.summary(), flush=True)
+        for split, counts in summary["overlong"].items():
+            if counts:
+                print(f"  {split} pairs longer than {recipe.train.max_length} tokens: {counts['overlong']} "
+                      f"({counts['action']}: {counts['dropped']} dropped, {counts['truncated']} truncated)", flush=True)
+        report = data.report.to_dict() | {"overlong": summary["overlong"]}
+        (layout.root / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
+
+    # ---- trainer (args first: under ZeRO-3 they must exist before the model is built)
+    args = common.training_args(
+        RewardConfig, recipe.train, recipe.output, layout, recipe.model, configured_state, evald is not None,
+        center_rewards_coefficient=recipe.rm.center_rewards_coefficient,
+    )
+    model = common.load_model(recipe.model, AutoModelForSequenceClassification, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evald,
+        processing_class=tokenizer,
+        peft_config=common.lora_config(recipe.model.lora, "SEQ_CLS"),  # SEQ_CLS keeps the score head trained and saved
+        callbacks=common.stage_callbacks(layout, recipe.output, recipe.train, logger),
+    )
+    common.force_full_weights_on_save(trainer)
+    common.maybe_record_batches(trainer)
+
+    # ---- train
+    if resume is not None and distributed.is_main():
+        print(f"resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    summary["steps"] = trainer.state.global_step
+
+    # ---- held-out evaluation with the in-memory (possibly sharded) model
+    if evald is not None:
+        metrics = trainer.evaluate()
+        summary["trainer_eval"] = {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")}
+        pairs = evald.select(range(min(recipe.rm.probe_pairs, len(evald))))
+        probe = probe_rewards(trainer, pairs)  # all ranks: ZeRO-3 gathers each layer as it goes
+        summary["probe_margin_mean"] = sum(c - r for c, r in zip(probe["chosen"], probe["rejected"])) / max(len(pairs), 1)
+        common.write_probe(layout, {"chosen_ids": list(pairs["chosen_ids"]), "rejected_ids": list(pairs["rejected_ids"]), **probe})
+
+    # ---- export, then statistics and evaluation from the exported checkpoint (rank 0)
+    final = common.export_final(trainer, tokenizer, layout, recipe.model, merge_lora=True, auto_cls=AutoModelForSequenceClassification)
+    common.unset_zero3_init()
+    if distributed.is_main():
+        scorer = RewardModelScorer(final, device="cuda" if torch.cuda.is_available() else "cpu", batch_size=64)
+        n = min(recipe.rm.stats_max_pairs, len(train))
+        rewards = torch.cat([scorer.score_ids(list(train[:n]["chosen_ids"])), scorer.score_ids(list(train[:n]["rejected_ids"]))])
+        stats = {"mean": rewards.mean().item(), "std": rewards.std().item(), "num_rewards": len(rewards),
+                 "max_length": recipe.train.max_length}
+        for target in [final] + ([layout.adapter] if layout.adapter.exists() else []):
+            _write_json(target / STATS_FILE, stats)
+        summary["reward_stats"] = stats
+        if evald is not None:
+            summary["eval"] = pairwise_eval(scorer, evald)
+            logger.log(trainer.state.global_step, {f"eval/pairwise_{k}": v for k, v in summary["eval"].items()})
+        if recipe.gold_agreement is not None:
+            summary["gold_agreement"] = gold_agreement(recipe, scorer)
+            logger.log(trainer.state.global_step, {"gold/agreement": summary["gold_agreement"]["agreement"]})
+        _print_summary(summary, final)
+    distributed.barrier()
+    common.write_summary(layout, summary)
+    logger.close()
+    return summary
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def tokenize_pairs(dataset, tokenizer, max_length: int, overlong: str, use_margin: bool):
+    """Add chosen_ids / rejected_ids (encoded as `reward.scoring.encode` does); drop or truncate over-long pairs.
+
+    Returns (dataset with only the trainer's columns, counts). A pair is over-long when either side has
+    more than max_length tokens; truncation keeps the first max_length tokens, and a pair whose two
+    sides become identical is dropped (counted in `identical_after_truncation`).
+    """
+    from reward.scoring import encode
+
+    def _encode(row):
+        return {"chosen_ids": encode(tokenizer, row["prompt"], row["chosen"]),
+                "rejected_ids": encode(tokenizer, row["prompt"], row["rejected"])}
+
+    encoded = dataset.map(_encode, desc="tokenizing pairs")
+    too_long = [max(len(c), len(r)) > max_length for c, r in zip(encoded["chosen_ids"], encoded["rejected_ids"])]
+    counts = {"total": len(encoded), "overlong": sum(too_long), "action": overlong, "dropped": 0, "truncated": 0,
+              "identical_after_truncation": 0}
+    if overlong == "drop":
+        keep = [i for i, long in enumerate(too_long) if not long]
+        counts["dropped"] = len(encoded) - len(keep)
+        encoded = encoded.select(keep)
+    elif counts["overlong"]:
+        encoded = encoded.map(lambda r: {"chosen_ids": r["chosen_ids"][:max_length], "rejected_ids": r["rejected_ids"][:max_length]})
+        counts["truncated"] = counts["overlong"]
+        keep = [i for i, (c, r) in enumerate(zip(encoded["chosen_ids"], encoded["rejected_ids"])) if c != r]
+        counts["identical_after_truncation"] = len(encoded) - len(keep)
+        counts["dropped"] = counts["identical_after_truncation"]
+        encoded = encoded.select(keep)
+    columns = ["chosen_ids", "rejected_ids"] + (["margin"] if use_margin and "margin" in encoded.column_names else [])
+    encoded = encoded.remove_columns([c for c in encoded.column_names if c not in columns])
+    if len(encoded) == 0:
+        from alignment.errors import DataError
+
+        raise DataError(f"no preference pair is at most train.max_length={max_length} tokens ({counts['overlong']} over-long)")
+    return encoded, counts
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def probe_rewards(trainer, pairs) -> dict:
+    """Rewards of a few held-out pairs from the model in memory (all ranks run it: ZeRO-3 gathers per layer)."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = trainer.processing_class.pad_token_id
+    out = {}
+    for side in ("chosen_ids", "rejected_ids"):
+        seqs = list(pairs[side])
+        if not seqs:
+            out[side.split("_")[0]] = []
+            continue
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        out[side.split("_")[0]] = model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu().tolist()
+    model.train(was_training)
+    return out
+
+
+def pairwise_eval(scorer, pairs) -> dict:
+    """Held-out pairwise accuracy and reward-margin statistics (margin = r_chosen - r_rejected)."""
+    chosen = scorer.score_ids(list(pairs["chosen_ids"]))
+    rejected = scorer.score_ids(list(pairs["rejected_ids"]))
+    margin = chosen - rejected
+    loss = torch.nn.functional.softplus(-margin).mean().item()  # -log sigmoid(margin)
+    return {
+        "accuracy": (margin > 0).float().mean().item(),
+        "margin_mean": margin.mean().item(),
+        "margin_std": margin.std().item() if len(margin) > 1 else 0.0,
+        "margin_min": margin.min().item(),
+        "margin_max": margin.max().item(),
+        "loss": loss,
+        "num_pairs": len(margin),
+    }
+
+
+def gold_agreement(recipe: RMRecipe, scorer) -> dict:
+    """Fresh completions from the base policy, two per held-out prompt; how often the RM orders them as the rule does.
+
+    Pairs whose two completions get the same gold score carry no preference and are skipped (counted).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from alignment.evaluation.gold import generate, load_prompts, score
+
+    section = recipe.gold_agreement
+    tokenizer = scorer.tokenizer
+    prompts, columns = load_prompts(section)
+    policy = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=common.DTYPES[recipe.model.dtype])
+    temperature = section.temperature if section.temperature > 0 else 1.0  # two different samples per prompt
+    completions = generate(policy, tokenizer, prompts, section.max_new_tokens, temperature, num_return_sequences=2,
+                           seed=recipe.train.seed)
+    del policy
+    a, b = completions[0::2], completions[1::2]
+    gold_a, gold_b = score(section.reward_function, prompts, a, columns), score(section.reward_function, prompts, b, columns)
+    rm_a, rm_b = scorer.score(prompts, a), scorer.score(prompts, b)
+    agree = decided = ties = 0
+    for ga, gb, ra, rb in zip(gold_a, gold_b, rm_a.tolist(), rm_b.tolist()):
+        if math.isclose(ga, gb):
+            ties += 1
+            continue
+        decided += 1
+        agree += (ga > gb) == (ra > rb)
+    return {"agreement": agree / decided if decided else float("nan"), "pairs": decided, "gold_ties_skipped": ties,
+            "temperature": temperature, "prompts": len(prompts)}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _print_summary(summary: dict, final) -> None:
+    lines = [f"RM done: {summary['steps']} steps; model written to {final}"]
+    if "eval" in summary:
+        e = summary["eval"]
+        lines.append(f"  held-out pairwise accuracy {e['accuracy']:.4f} on {e['num_pairs']} pairs; "
+                     f"margin mean {e['margin_mean']:.3f} (std {e['margin_std']:.3f})")
+    s = summary["reward_stats"]
+    lines.append(f"  reward stats over training pairs: mean {s['mean']:.3f}, std {s['std']:.3f}")
+    if "gold_agreement" in summary:
+        g = summary["gold_agreement"]
+        lines.append(f"  gold agreement {g['agreement']:.4f} on {g['pairs']} fresh pairs ({g['gold_ties_skipped']} gold ties skipped)")
+    print("\n".join(lines), flush=True)

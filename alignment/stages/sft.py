@@ -1,0 +1,184 @@
+"""`alignment sft recipe.yaml`: supervised fine-tuning on demonstrations with TRL's SFTTrainer.
+
+Reads top to bottom: setup -> data -> baseline -> train (resuming from the latest complete checkpoint)
+-> final evaluation -> export to `<output.dir>/final` -> gold metric on held-out prompts.
+Outputs under `<output.dir>`: recipe.yaml, data_report.json, checkpoints/checkpoint-<step>, final/,
+adapter/ (LoRA), metrics.jsonl, tensorboard/, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from alignment import distributed
+from alignment.config.schema import save_resolved
+from alignment.config.sft import SFTRecipe
+from alignment.errors import RecipeError
+from alignment.stages import common
+
+
+def run(recipe: SFTRecipe) -> dict:
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from alignment.data import load_stage_data
+    from alignment.evaluation.gold import gold_eval, gold_eval_path
+
+    # ---- setup: world, output layout, resume point
+    configured_state = common.setup_distributed()
+    layout = common.RunLayout(Path(recipe.output.dir))
+    resume = common.prepare_output(layout, recipe.output)
+    if distributed.is_main():
+        save_resolved(recipe, layout.root, "sft")
+    logger = common.make_logger(layout)
+    tokenizer = common.load_tokenizer(recipe.model)
+
+    # ---- data
+    data = load_stage_data(recipe.data, "sft", tokenizer)
+    if distributed.is_main():
+        print(data.report.summary(), flush=True)
+        (layout.root / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2, default=str))
+    loss_flags = _loss_flags(recipe, data.train.column_names)
+    summary: dict = {"resumed_from": str(resume) if resume else None, "train_rows": len(data.train),
+                     "eval_rows": len(data.eval) if data.eval is not None else 0}
+
+    # ---- baseline gold metric of the untrained policy (fresh runs only; rank 0, plain single-process model)
+    if recipe.gold_eval is not None and resume is None:
+        if distributed.is_main():
+            before = gold_eval_path(recipe.model.name_or_path, recipe.gold_eval, common.DTYPES[recipe.model.dtype])
+            summary["gold_before"] = before.mean
+            logger.log(0, {"gold/mean": before.mean})
+            print(f"gold metric before SFT: {before.mean:.4f} on {len(before.scores)} prompts", flush=True)
+        distributed.barrier()
+
+    # ---- trainer (args first: under ZeRO-3 they must exist before the model is built)
+    args = common.training_args(
+        SFTConfig, recipe.train, recipe.output, layout, recipe.model, configured_state, data.eval is not None,
+        eval_on_start=resume is None,
+        packing=recipe.sft.packing,
+        **loss_flags,
+    )
+    model = common.load_model(recipe.model, AutoModelForCausalLM)
+    callbacks = common.stage_callbacks(layout, recipe.output, recipe.train, logger)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=common.lora_config(recipe.model.lora, "CAUSAL_LM"),
+        callbacks=callbacks,
+    )
+    common.force_full_weights_on_save(trainer)
+    common.maybe_record_batches(trainer)
+
+    # ---- train
+    if resume is not None and distributed.is_main():
+        print(f"resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    summary["steps"] = trainer.state.global_step
+    first_eval = callbacks[1].evaluations[0] if callbacks[1].evaluations else (None, {})
+    if first_eval[0] == 0 and "eval_loss" in first_eval[1]:
+        summary["eval_loss_before"] = first_eval[1]["eval_loss"]
+
+    # ---- final evaluation and export
+    if data.eval is not None:
+        summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+        probe = trainer.eval_dataset.select(range(min(recipe.sft.probe_examples, len(trainer.eval_dataset))))
+        nll = completion_nll(trainer.model, probe)  # all ranks: ZeRO-3 gathers each layer as it goes
+        summary["probe_nll_mean"] = sum(nll) / max(len(nll), 1)
+        common.write_probe(layout, {"input_ids": list(probe["input_ids"]),
+                                    "labels": list(probe["labels"]) if "labels" in probe.column_names else None, "nll": nll})
+    final = common.export_final(trainer, tokenizer, layout, recipe.model, recipe.sft.merge_lora_on_export, AutoModelForCausalLM)
+
+    # ---- gold metric of the trained policy, from the exported checkpoint
+    common.unset_zero3_init()
+    if recipe.gold_eval is not None and distributed.is_main():
+        if recipe.model.lora is None or recipe.sft.merge_lora_on_export:
+            after = gold_eval_path(final, recipe.gold_eval, common.DTYPES[recipe.model.dtype])
+        else:  # final/ holds the adapter: evaluate base + adapter merged in memory
+            after = gold_eval(common.merge_adapter(layout.adapter, AutoModelForCausalLM, recipe.model), tokenizer, recipe.gold_eval)
+        summary["gold_after"] = after.mean
+        logger.log(trainer.state.global_step, {"gold/mean": after.mean})
+        examples = [{"prompt": p, "completion": c, "gold": s} for p, c, s in zip(after.prompts[:5], after.completions[:5], after.scores[:5])]
+        summary["gold_examples"] = examples
+    distributed.barrier()
+
+    if distributed.is_main():
+        _print_summary(summary, final)
+    common.write_summary(layout, summary)
+    logger.close()
+    return summary
+
+
+@torch.no_grad()
+def completion_nll(model, examples) -> list[float]:
+    """Per-example mean NLL of the tokens that carry loss (labels != -100), one example per forward.
+
+    `examples`: rows of the trainer's tokenized dataset, or dicts with `input_ids` and `labels`.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]], device=device)
+        labels = torch.tensor(ex.get("labels") or ex["input_ids"], device=device)[1:]
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        out.append((nll / (labels != -100).sum().clamp(min=1)).item())
+    model.train(was_training)
+    return out
+
+
+def _loss_flags(recipe: SFTRecipe, columns: list[str]) -> dict:
+    """TRL's loss-masking flags for `sft.loss_on`."""
+    if recipe.sft.loss_on == "completion":
+        if "prompt" not in columns or "completion" not in columns:
+            raise RecipeError(
+                f"sft.loss_on: 'completion' needs prompt/completion data, but the data has columns {columns}; "
+                "use 'assistant' for chat messages or 'all' for plain text"
+            )
+        return {"completion_only_loss": True, "assistant_only_loss": False}
+    if recipe.sft.loss_on == "assistant":
+        return {"completion_only_loss": False, "assistant_only_loss": True}
+    return {"completion_only_loss": False, "assistant_only_loss": False}
+
+
+def _print_summary(summary: dict, final) -> None:
+    lines = [f"SFT done: {summary['steps']} steps; model written to {final}"]
+    if "eval_loss_after" in summary:
+        before = summary.get("eval_loss_before")
+        lines.append(f"  eval loss: {before:.4f} -> {summary['eval_loss_after']:.4f}" if before is not None
+                     else f"  eval loss: {summary['eval_loss_after']:.4f}")
+    if "gold_after" in summary:
+        before = summary.get("gold_before")
+        lines.append(f"  gold metric: {before:.4f} -> {summary['gold_after']:.4f}" if before is not None
+                     else f"  gold metric: {summary['gold_after']:.4f}")
+    print("\n".join(lines), flush=True)
+
+
+def eval_loss(model_dir: str | Path, recipe: SFTRecipe) -> float:
+    """Eval loss of a saved checkpoint on the recipe's held-out split, in this process (same batching as the stage)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from alignment.data import load_stage_data
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    data = load_stage_data(recipe.data, "sft", tokenizer)
+    if data.eval is None:
+        raise RecipeError("data: no held-out split to evaluate on (set data.eval_fraction or data.eval_sources)")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=common.DTYPES[recipe.model.dtype])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(output_dir=tmp, per_device_eval_batch_size=recipe.train.per_device_batch_size, max_length=recipe.train.max_length,
+                         bf16=recipe.model.dtype == "bfloat16", fp16=recipe.model.dtype == "float16", report_to=[], disable_tqdm=True,
+                         **_loss_flags(recipe, data.train.column_names))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data.train.select(range(1)), eval_dataset=data.eval,
+                             processing_class=tokenizer)
+        return trainer.evaluate()["eval_loss"]
