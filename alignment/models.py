@@ -11,35 +11,38 @@ from alignment.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(model: ModelSection | str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a recipe's model section, or of a checkpoint directory / hub id."""
+    if isinstance(model, str):
+        model = ModelSection(name_or_path=model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
     except OSError as exc:
-        raise UserError(f"cannot load a tokenizer from '{name_or_path}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{model.name_or_path}': {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:  # many base models ship without one; padding is always masked out
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_causal_lm(section: ModelSection) -> torch.nn.Module:
-    return _load(AutoModelForCausalLM, section)
+    return load_model(section, AutoModelForCausalLM)
 
 
 def load_value_model(section: ModelSection) -> torch.nn.Module:
     """A 1-output sequence-classification model: an RM checkpoint as is, or a fresh head on an LM checkpoint."""
-    model = _load(AutoModelForSequenceClassification, section, num_labels=1)
+    model = load_model(section, AutoModelForSequenceClassification, num_labels=1)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
 
 
-def _load(auto_cls, section: ModelSection, **kwargs) -> torch.nn.Module:
+def load_model(section: ModelSection, auto_cls, **kwargs) -> torch.nn.Module:
     try:
         return auto_cls.from_pretrained(
             section.name_or_path, dtype=DTYPES[section.dtype], trust_remote_code=section.trust_remote_code, **kwargs
         )
     except OSError as exc:
-        raise UserError(f"cannot load model '{section.name_or_path}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"model.name_or_path: cannot load '{section.name_or_path}': {str(exc).splitlines()[0]}") from None
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:

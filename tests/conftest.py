@@ -8,6 +8,9 @@ import pytest
 
 # Keep vLLM's CPU KV cache small: several engines (tests, rollout servers) share a 24 GB machine.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# One torch thread in this process and in every stage subprocess: tiny models on a shared 2-core machine only
+# spin with more (a tiny SFT step goes from 0.14 s to 3 s). scripts/test.sh exports the same.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -44,10 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_env(**extra: str) -> dict:
-    """Environment for a stage subprocess. One torch thread per process: on a busy 2-core machine torch's
-    thread pool thrashes (a tiny SFT step goes from 0.14 s to 3 s)."""
+    """Environment for a stage subprocess (one torch thread, like this process: see the top of this file)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from alignment.cli import main
 from alignment.config.label import ImportRecipe, LabelFile
@@ -19,13 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "tiny"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core box: more torch threads only spin (10x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def item(i: int, texts=("the lamp is great .", "the lamp is awful ."), prompt=None) -> dict:

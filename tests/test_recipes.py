@@ -24,6 +24,7 @@ EXPECTED = {  # file: (distributed type, processes, zero stage or None, optimize
     "cpu_single.yaml": ("NO", 1, None, None),
     "cpu_zero2.yaml": ("DEEPSPEED", 2, 2, "none"),
     "cpu_zero3.yaml": ("DEEPSPEED", 2, 3, "none"),
+    "gpu6_zero3.yaml": ("DEEPSPEED", 6, 3, "none"),  # PPO: the other 2 GPUs of the node serve vLLM
     "gpu8_zero3.yaml": ("DEEPSPEED", 8, 3, "none"),
     "gpu8_zero3_offload.yaml": ("DEEPSPEED", 8, 3, "cpu"),
     "multinode_zero3.yaml": ("DEEPSPEED", 16, 3, "none"),

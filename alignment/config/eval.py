@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from alignment.config.schema import option, required
-from alignment.config.sections import recipe
+from alignment.config.sections import SamplingSection, recipe
 
 
 @recipe
@@ -34,16 +34,6 @@ class PromptSection:
     path: str = required(help="held-out prompts: jsonl/json/parquet/csv or hub id, with a `prompt` column (text or messages)", path="data")
     num_prompts: int = option(128, help="use the first N prompts (file order)", min=1)
     split: str = option("train", help="split to read (hub datasets)")
-
-
-@recipe
-class SamplingSpec:
-    samples_per_prompt: int = option(1, help="completions per prompt and policy", min=1)
-    temperature: float = option(1.0, help="sampling temperature (0 = greedy)", min=0.0)
-    top_p: float = option(1.0, help="nucleus sampling", min=0.0, max=1.0)
-    top_k: int = option(-1, help="top-k sampling (-1: off)", min=-1)
-    max_new_tokens: int = option(32, help="completion budget; longer answers are truncated (and counted)", min=1)
-    seed: int = option(0, help="sampling seed, the same for every policy (prompt i uses seed + i)")
 
 
 @recipe
@@ -99,7 +89,7 @@ class EvalRecipe:
     run: RunSection | None = option(None, help="add every checkpoint of a training run as a policy (after `policies`)")
     reference: str | None = option(None, help="KL reference: a policy name or a checkpoint path (default: the first policy)")
     prompts: PromptSection = required(help="held-out prompt set")
-    sampling: SamplingSpec = option(SamplingSpec(), help="sampling, identical for every policy")
+    sampling: SamplingSection = option(SamplingSection(), help="sampling, identical for every policy")
     rollout: EngineSection = option(EngineSection(), help="generation engine")
     scorers: list[ScorerSpec] = option([], help="reward models and rule functions that score every sample")
     gold_metric: str | None = option(None, help="the task's gold metric ('module:function'), reported as scorer 'gold'")

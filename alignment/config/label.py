@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from alignment.config.eval import EngineSection, JudgeSection, PolicySpec, PromptSection, SamplingSpec
+from alignment.config.eval import EngineSection, JudgeSection, PolicySpec, PromptSection
+from alignment.config.sections import SamplingSection
 from alignment.config.schema import option, required
 from alignment.config.sections import recipe
 
@@ -24,7 +25,7 @@ class ExportRecipe:
     stage: Literal["label_export"] = option("label_export", help="stage this recipe is for")
     policies: list[PolicySpec] = required(help="policies to sample from (completions of all of them are mixed per prompt)")
     prompts: PromptSection = required(help="prompts to answer")
-    sampling: SamplingSpec = option(SamplingSpec(samples_per_prompt=2), help="k = samples_per_prompt completions per prompt and policy")
+    sampling: SamplingSection = option(SamplingSection(samples_per_prompt=2), help="k = samples_per_prompt completions per prompt and policy")
     rollout: EngineSection = option(EngineSection(), help="generation engine")
     group: Literal["pairs", "kwise"] = option("pairs", help="pairs: items of two completions (A/B); kwise: one item with all completions of a prompt")
     pairs_per_prompt: int | None = option(None, help="group=pairs: keep at most this many pairs per prompt (seeded choice; default all)", min=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from alignment.config.schema import option, required
-from alignment.config.sections import DataSection, GoldEvalSection, ModelSection, OutputSection, recipe
+from alignment.config.sections import DataSection, GoldEvalSection, ModelSection, OutputSection, SamplingSection, recipe
 
 # Must equal the keys of alignment.ppo.ADVANTAGE_ESTIMATORS (a test checks); kept literal so validation imports no torch.
 ADVANTAGE_CHOICES = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"]
@@ -30,16 +30,6 @@ class RewardSource:
 
 
 @recipe
-class SamplingSection:
-    samples_per_prompt: int = option(4, help="completions per prompt (the group size of GRPO/RLOO)", min=1)
-    temperature: float = option(1.0, help="sampling temperature", min=0.0)
-    top_p: float = option(1.0, help="nucleus sampling", min=0.0, max=1.0)
-    top_k: int = option(-1, help="top-k sampling (-1: off)", min=-1)
-    max_new_tokens: int = option(32, help="completion budget; longer answers are truncated", min=1)
-    stop: list[str] = option([], help="extra stop strings (EOS always stops)")
-
-
-@recipe
 class RolloutSection:
     engine: Literal["vllm", "remote", "hf"] = option("vllm", help="vllm: colocated engine; remote: rollout servers; hf: transformers generate (slow)")
     servers: list[str] = option([], help="engine=remote: URLs of running `alignment rollout serve` servers")
@@ -51,7 +41,7 @@ class RolloutSection:
     weight_sync: Literal["shm"] = option("shm", help="shm: chunked safetensors files in /dev/shm, for engines on the trainer's host")
     max_model_len: int = option(512, help="vLLM context length", min=16)
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="vLLM weights dtype; match the trainer for exact logprobs")
-    sampling: SamplingSection = option(SamplingSection(), help="sampling parameters")
+    sampling: SamplingSection = option(SamplingSection(samples_per_prompt=4), help="sampling parameters")
 
 
 @recipe

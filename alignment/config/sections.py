@@ -91,3 +91,22 @@ class GoldEvalSection:
     max_new_tokens: int = option(32, help="generation budget per answer", min=1)
     temperature: float = option(1.0, help="sampling temperature: 1.0 scores the policy as it samples, 0 = greedy", min=0.0)
     samples_per_prompt: int = option(1, help="answers sampled per prompt (the metric averages over all)", min=1)
+
+
+@recipe
+class SamplingSection:
+    """How completions are sampled (PPO rollouts, evaluation, label export)."""
+
+    samples_per_prompt: int = option(1, help="completions per prompt (PPO: the group size of GRPO/RLOO)", min=1)
+    temperature: float = option(1.0, help="sampling temperature (0 = greedy)", min=0.0)
+    top_p: float = option(1.0, help="nucleus sampling", min=0.0, max=1.0)
+    top_k: int = option(-1, help="top-k sampling (-1: off)", min=-1)
+    max_new_tokens: int = option(32, help="completion budget; longer answers are truncated (and counted)", min=1)
+    stop: list[str] = option([], help="extra stop strings (EOS always stops)")
+    seed: int = option(0, help="sampling seed: prompt i uses seed + i (PPO offsets it every step)")
+
+    def to_config(self, seed_offset: int = 0):
+        from rollout import SamplingConfig
+
+        return SamplingConfig(n=self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, stop=list(self.stop), seed=self.seed + seed_offset)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from alignment.config.eval import EngineSection, PolicySpec, PromptSection, RunSection, SamplingSpec
+from alignment.config.eval import EngineSection, PolicySpec, PromptSection, RunSection
 from alignment.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # config keys that must match for a policy's weights to be synced into an engine built for another
 ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
              "intermediate_size", "vocab_size", "head_dim", "tie_word_embeddings", "max_position_embeddings", "rope_theta")
@@ -157,13 +156,6 @@ def hf_dir_of(ckpt: Path) -> Path:
 # ------------------------------------------------------------------------------------------- generation
 
 
-def to_sampling(spec: SamplingSpec):
-    from rollout import SamplingConfig
-
-    return SamplingConfig(n=spec.samples_per_prompt, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-                          max_new_tokens=spec.max_new_tokens, seed=spec.seed)
-
-
 def architecture(config) -> dict:
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return {k: d.get(k) for k in ARCH_KEYS}
@@ -234,7 +226,7 @@ def load_policy(path: str, dtype: str = "float32"):
     """(model in eval mode, tokenizer) of a checkpoint directory or hub id."""
     from transformers import AutoModelForCausalLM
 
-    from alignment.models import load_tokenizer
+    from alignment.models import DTYPES, load_tokenizer
 
     tokenizer = load_tokenizer(path)
     try:

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
-from alignment import distributed
+from alignment import distributed, models
 from alignment.checkpoint import atomic_directory, latest_checkpoint, prune, publish
 from alignment.config.sections import LoraSection, ModelSection, OutputSection, TrainSection
-from alignment.errors import UserError
+from alignment.config.schema import save_resolved
 from alignment.metrics import MetricsLogger
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -53,6 +52,28 @@ def setup_distributed() -> bool:
     state = PartialState(backend="gloo")
     assert state.num_processes == torch.distributed.get_world_size(), "accelerate still misreports the world size"
     return True
+
+
+@dataclass
+class StageStart:
+    """What every TRL-based stage sets up before its data: world, output layout, resume point, logger, tokenizer."""
+
+    configured_state: bool  # we configured accelerate's state ourselves (CPU + DeepSpeed): see setup_distributed
+    layout: RunLayout
+    resume: Path | None  # checkpoint to resume from; None for a fresh start
+    logger: MetricsLogger
+    tokenizer: object
+
+
+def start_stage(recipe, stage: str) -> StageStart:
+    """Fix accelerate's world view, prepare the output directory (resume point, leftovers of a killed run),
+    save the resolved recipe, open the metrics logger and load the tokenizer."""
+    configured_state = setup_distributed()
+    layout = RunLayout(Path(recipe.output.dir))
+    resume = prepare_output(layout, recipe.output)
+    if distributed.is_main():
+        save_resolved(recipe, layout.root, stage)
+    return StageStart(configured_state, layout, resume, make_logger(layout), models.load_tokenizer(recipe.model))
 
 
 # ----------------------------------------------------------------------------- layout and resume
@@ -136,27 +157,6 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
-
-
-def load_tokenizer(model: ModelSection):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
-    except OSError as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{model.name_or_path}': {str(exc).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:  # many base models ship without one; padding is always masked out
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(model: ModelSection, auto_cls, **kwargs):
-    try:
-        return auto_cls.from_pretrained(
-            model.name_or_path, dtype=DTYPES[model.dtype], trust_remote_code=model.trust_remote_code, **kwargs
-        )
-    except OSError as exc:
-        raise UserError(f"model.name_or_path: cannot load '{model.name_or_path}': {str(exc).splitlines()[0]}") from None
 
 
 def lora_config(lora: LoraSection | None, task_type: str):
@@ -349,7 +349,7 @@ def merge_adapter(adapter_dir: str | Path, auto_cls, model: ModelSection | None 
     from peft import PeftConfig, PeftModel
 
     cfg = PeftConfig.from_pretrained(str(adapter_dir))
-    dtype = DTYPES[model.dtype] if model is not None else torch.float32
+    dtype = models.DTYPES[model.dtype] if model is not None else torch.float32
     kwargs = {"num_labels": 1} if "SequenceClassification" in auto_cls.__name__ else {}
     base = auto_cls.from_pretrained(cfg.base_model_name_or_path, dtype=dtype, **kwargs)
     if kwargs:

@@ -38,7 +38,6 @@ from alignment.evaluation.generation import (
     load_prompt_rows,
     resolve_policies,
     sequence_logprobs,
-    to_sampling,
 )
 
 
@@ -57,7 +56,7 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
     policies = resolve_policies(recipe.policies, recipe.run)
     reference = _reference(recipe, policies)
     n, P = recipe.sampling.samples_per_prompt, len(rows)
-    sampling = to_sampling(recipe.sampling)
+    sampling = recipe.sampling.to_config()
     print(f"eval: {len(policies)} policies x {P} prompts x {n} samples; KL reference: {reference.name}", flush=True)
 
     # ---- 2-4. generation, KL, judge (models are loaded one at a time)

@@ -101,7 +101,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
     micro_per_minibatch = math.ceil(local_samples // algo.minibatches / algo.micro_batch_size)
 
     # ---- data
-    tokenizer = load_tokenizer(recipe.policy.name_or_path)
+    tokenizer = load_tokenizer(recipe.policy)
     prompts = load_stage_data(recipe.prompts, "prompt", tokenizer).train
     prompt_ids = [render_prompt(tokenizer, p) for p in prompts["prompt"]]
     label_columns = [c for c in prompts.column_names if c != "prompt"]
@@ -152,11 +152,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
         rows = _next_prompt_rows(state, len(prompts), train.prompts_per_step, train.seed)
         samples = None
         if rank == 0:
-            sampling = SamplingConfig(
-                n=group, temperature=sampling_cfg.temperature, top_p=sampling_cfg.top_p, top_k=sampling_cfg.top_k,
-                max_new_tokens=sampling_cfg.max_new_tokens, stop=sampling_cfg.stop, seed=train.seed * 1_000_003 + step * 10_007,
-            )
-            samples = engine.generate([prompt_ids[r] for r in rows], sampling)
+            # A seed per step (prompt i of the step uses seed + i): a resumed run samples what the original would have.
+            samples = engine.generate([prompt_ids[r] for r in rows], sampling_cfg.to_config(seed_offset=step * 100_003))
         samples = _broadcast(samples)
         per_rank = train.prompts_per_step // world
         local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from alignment import distributed
+from alignment import distributed, models
 from alignment.config.rm import RMRecipe
-from alignment.config.schema import save_resolved
 from alignment.stages import common
 
 
@@ -29,13 +28,9 @@ def run(recipe: RMRecipe) -> dict:
     from reward.scoring import STATS_FILE, RewardModelScorer
 
     # ---- setup: world, output layout, resume point
-    configured_state = common.setup_distributed()
-    layout = common.RunLayout(Path(recipe.output.dir))
-    resume = common.prepare_output(layout, recipe.output)
-    if distributed.is_main():
-        save_resolved(recipe, layout.root, "rm")
-    logger = common.make_logger(layout)
-    tokenizer = common.load_tokenizer(recipe.model)
+    start = common.start_stage(recipe, "rm")
+    configured_state, layout, resume, logger, tokenizer = (
+        start.configured_state, start.layout, start.resume, start.logger, start.tokenizer)
 
     # ---- data: tokenise pairs ourselves so that over-long pairs are counted before anything drops them
     data = load_stage_data(recipe.data, "preference", tokenizer)
@@ -57,7 +52,7 @@ def run(recipe: RMRecipe) -> dict:
         RewardConfig, recipe.train, recipe.output, layout, recipe.model, configured_state, evald is not None,
         center_rewards_coefficient=recipe.rm.center_rewards_coefficient,
     )
-    model = common.load_model(recipe.model, AutoModelForSequenceClassification, num_labels=1)
+    model = models.load_model(recipe.model, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     trainer = RewardTrainer(
         model=model,
@@ -205,7 +200,7 @@ def gold_agreement(recipe: RMRecipe, scorer) -> dict:
     section = recipe.gold_agreement
     tokenizer = scorer.tokenizer
     prompts, columns = load_prompts(section)
-    policy = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=common.DTYPES[recipe.model.dtype])
+    policy = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=models.DTYPES[recipe.model.dtype])
     temperature = section.temperature if section.temperature > 0 else 1.0  # two different samples per prompt
     completions = generate(policy, tokenizer, prompts, section.max_new_tokens, temperature, num_return_sequences=2,
                            seed=recipe.train.seed)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from alignment import distributed
-from alignment.config.schema import save_resolved
+from alignment import distributed, models
 from alignment.config.sft import SFTRecipe
 from alignment.errors import RecipeError
 from alignment.stages import common
@@ -28,13 +27,9 @@ def run(recipe: SFTRecipe) -> dict:
     from alignment.evaluation.gold import gold_eval, gold_eval_path
 
     # ---- setup: world, output layout, resume point
-    configured_state = common.setup_distributed()
-    layout = common.RunLayout(Path(recipe.output.dir))
-    resume = common.prepare_output(layout, recipe.output)
-    if distributed.is_main():
-        save_resolved(recipe, layout.root, "sft")
-    logger = common.make_logger(layout)
-    tokenizer = common.load_tokenizer(recipe.model)
+    start = common.start_stage(recipe, "sft")
+    configured_state, layout, resume, logger, tokenizer = (
+        start.configured_state, start.layout, start.resume, start.logger, start.tokenizer)
 
     # ---- data
     data = load_stage_data(recipe.data, "sft", tokenizer)
@@ -48,7 +43,7 @@ def run(recipe: SFTRecipe) -> dict:
     # ---- baseline gold metric of the untrained policy (fresh runs only; rank 0, plain single-process model)
     if recipe.gold_eval is not None and resume is None:
         if distributed.is_main():
-            before = gold_eval_path(recipe.model.name_or_path, recipe.gold_eval, common.DTYPES[recipe.model.dtype])
+            before = gold_eval_path(recipe.model.name_or_path, recipe.gold_eval, models.DTYPES[recipe.model.dtype])
             summary["gold_before"] = before.mean
             logger.log(0, {"gold/mean": before.mean})
             print(f"gold metric before SFT: {before.mean:.4f} on {len(before.scores)} prompts", flush=True)
@@ -61,7 +56,7 @@ def run(recipe: SFTRecipe) -> dict:
         packing=recipe.sft.packing,
         **loss_flags,
     )
-    model = common.load_model(recipe.model, AutoModelForCausalLM)
+    model = models.load_model(recipe.model, AutoModelForCausalLM)
     callbacks = common.stage_callbacks(layout, recipe.output, recipe.train, logger)
     trainer = SFTTrainer(
         model=model,
@@ -98,7 +93,7 @@ def run(recipe: SFTRecipe) -> dict:
     common.unset_zero3_init()
     if recipe.gold_eval is not None and distributed.is_main():
         if recipe.model.lora is None or recipe.sft.merge_lora_on_export:
-            after = gold_eval_path(final, recipe.gold_eval, common.DTYPES[recipe.model.dtype])
+            after = gold_eval_path(final, recipe.gold_eval, models.DTYPES[recipe.model.dtype])
         else:  # final/ holds the adapter: evaluate base + adapter merged in memory
             after = gold_eval(common.merge_adapter(layout.adapter, AutoModelForCausalLM, recipe.model), tokenizer, recipe.gold_eval)
         summary["gold_after"] = after.mean
@@ -174,7 +169,7 @@ def eval_loss(model_dir: str | Path, recipe: SFTRecipe) -> float:
     data = load_stage_data(recipe.data, "sft", tokenizer)
     if data.eval is None:
         raise RecipeError("data: no held-out split to evaluate on (set data.eval_fraction or data.eval_sources)")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=common.DTYPES[recipe.model.dtype])
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=models.DTYPES[recipe.model.dtype])
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, per_device_eval_batch_size=recipe.train.per_device_batch_size, max_length=recipe.train.max_length,
                          bf16=recipe.model.dtype == "bfloat16", fp16=recipe.model.dtype == "float16", report_to=[], disable_tqdm=True,

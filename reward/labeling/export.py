@@ -15,7 +15,7 @@ from pathlib import Path
 
 from alignment.config.label import ExportRecipe
 from alignment.config.schema import save_resolved
-from alignment.evaluation.generation import PolicyGenerator, completion_text, load_policy, load_prompt_rows, resolve_policies, to_sampling
+from alignment.evaluation.generation import PolicyGenerator, completion_text, load_policy, load_prompt_rows, resolve_policies
 from reward.labeling import formats
 
 
@@ -29,7 +29,7 @@ def run(recipe: ExportRecipe, engine=None) -> dict:
     # ---- prompts and generation
     rows = load_prompt_rows(recipe.prompts)
     policies = resolve_policies(recipe.policies)
-    sampling = to_sampling(recipe.sampling)
+    sampling = recipe.sampling.to_config()
     per_prompt: list[list[dict]] = [[] for _ in rows]
     per_policy: dict[str, dict] = {}
     generator = PolicyGenerator(recipe.rollout, seed=recipe.sampling.seed, engine=engine)
