@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from alignment.config.sections import ModelSection
+from alignment.config.sections import LoraSection, ModelSection
 from alignment.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,3 +51,19 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) 
         return tokenizer(prompt, add_special_tokens=True)["input_ids"]
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def lora_config(lora: LoraSection | None, task_type: str):
+    """peft LoraConfig, or None for full fine-tuning. For SEQ_CLS peft keeps the score head trainable and saved."""
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    target = lora.target_modules
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        task_type=task_type,
+    )

@@ -55,6 +55,8 @@ def launch_servers(
     if devices and len(devices) != count:
         raise RolloutError(f"rollout.server_devices lists {len(devices)} device sets for {count} servers")
     urls, processes = [], []
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
     for i in range(count):
         port = _free_port()
         env = dict(os.environ)

@@ -65,6 +65,9 @@ def named_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
     """
     model = _unwrap(model)
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    if hasattr(model, "merge_adapter"):  # a peft model: the engine serves the base weights with LoRA merged in
+        yield from _merged_lora_tensors(model, cast)
+        return
     if not is_zero3(model):
         for name, p in model.named_parameters():
             yield name, cast(p.detach())
@@ -86,6 +89,21 @@ def named_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
             else:
                 batch = []
         yield from batch
+
+
+def _merged_lora_tensors(model: torch.nn.Module, cast) -> Iterator[tuple[str, torch.Tensor]]:
+    """Merge the LoRA deltas into the base weights, yield copies under the plain HF names, then unmerge.
+
+    Copies, because the parameters change back when the adapters are unmerged. (ZeRO-3 + LoRA is
+    rejected by the PPO stage: merging needs whole weights on every rank.)
+    """
+    model.merge_adapter()
+    try:
+        for name, p in model.get_base_model().named_parameters():
+            if "lora_" not in name:
+                yield name.replace(".base_layer", ""), cast(p.detach()).clone()
+    finally:
+        model.unmerge_adapter()
 
 
 def sync_weights(engine, model: torch.nn.Module, version: int, dtype: torch.dtype | None = None) -> SyncStats | None:

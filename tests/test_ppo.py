@@ -56,18 +56,22 @@ def test_schema_advantage_choices_match_registry():
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_ppo_raises_gold_over_sft(advantage, tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+@pytest.mark.parametrize("recipe_name", ["ppo.yaml", "ppo_grpo.yaml"])
+def test_ppo_raises_gold_over_sft(recipe_name, tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+    """The shipped tiny recipes (GAE with a critic; GRPO) against the learned RM raise the rule-based gold metric."""
     from alignment.stages.ppo import run
 
-    out = tmp_path / advantage
-    recipe = tiny_recipe(tiny_paths, tiny_sft, tiny_rm, out, f"algorithm.advantage={advantage}", "train.steps=20", "eval_every=20")
+    out = tmp_path / recipe_name
+    overrides = [o for o in _path_overrides(tiny_paths, tiny_sft, tiny_rm, out) if recipe_name == "ppo.yaml" or not o.startswith("value.")]
+    recipe = load_recipe(TINY_PPO.parent / recipe_name, PPORecipe, [*overrides, "eval_every=20"])
+    advantage = recipe.algorithm.advantage
     run(recipe, engine=vllm_engine)
     metrics = read_metrics(out)
     sft_gold = tiny_sft.summary["gold_after"]
     final_gold = metrics[-1]["eval/gold"]
     print(f"{advantage}: SFT gold {sft_gold:.3f} -> PPO gold {final_gold:.3f}; final KL {metrics[-1]['ppo/kl']:.3f}")
-    assert final_gold > sft_gold + 0.15, (sft_gold, final_gold)
+    # 128 held-out prompts x 4 samples: the standard error of the mean gold is ~0.02, so +0.10 is a clear gain.
+    assert final_gold > sft_gold + 0.10, (sft_gold, final_gold)
     assert all(m["ppo/kl"] < 10.0 for m in metrics), "KL to the reference must stay bounded"
     assert all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics), "vLLM and trainer log-probs must agree after every sync"
     # The exported policy is a plain HF checkpoint.
@@ -203,11 +207,11 @@ def test_zero3_two_processes_with_rollout_server(tiny_paths, tiny_sft, tiny_rm, 
     run_stage(
         "ppo", TINY_PPO,
         [*_path_overrides(tiny_paths, tiny_sft, tiny_rm, out), "rollout.engine=remote", "rollout.launch_servers=1",
-         "train.steps=3", "output.save_steps=2", "eval=null", "algorithm.critic_warmup_steps=0"],
+         "train.steps=4", "output.save_steps=2", "eval=null"],  # steps 1-2 warm up the critic, 3-4 move the actor
         accelerate_config=REPO / "recipes" / "accelerate" / "cpu_zero3.yaml", timeout=900,
     )
     metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics), [m["ppo/logprob_mismatch"] for m in metrics]
     assert all(m["sync/bytes"] > 0 for m in metrics)
     assert metrics[-1]["ppo/kl"] > 0, "the policy must have moved away from the reference"
@@ -215,3 +219,26 @@ def test_zero3_two_processes_with_rollout_server(tiny_paths, tiny_sft, tiny_rm, 
     for model_dir in (out / "checkpoints" / "checkpoint-2" / "policy_hf", out / "final"):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         assert sum(p.numel() for p in model.parameters()) == 351_616
+
+
+def test_lora_policy_syncs_merged_weights_and_exports_plain_hf(tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+    """A LoRA policy: vLLM serves base + merged adapters (its log-probs match the trainer's LoRA model after an
+    update), and the export is a plain HF checkpoint with the adapters merged in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignment.stages.ppo import run
+
+    out = tmp_path / "lora"
+    recipe = tiny_recipe(tiny_paths, tiny_sft, tiny_rm, out, "algorithm.advantage=grpo", "train.steps=2", "eval=null",
+                         "policy.lora.r=8", "policy.lora.alpha=16")
+    run(recipe, engine=vllm_engine)
+    metrics = read_metrics(out)
+    assert metrics[-1]["ppo/kl"] > 0, "the adapters must have changed the policy"
+    assert all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics), [m["ppo/logprob_mismatch"] for m in metrics]
+    assert not (out / "final" / "adapter_config.json").exists()
+    exported = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(tiny_sft.final).state_dict()
+    assert exported.keys() == sft.keys()
+    changed = [k for k in sft if not torch.equal(exported[k], sft[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed), changed  # only the adapted linear layers moved

@@ -22,7 +22,7 @@ import torch
 
 from alignment import distributed, models
 from alignment.checkpoint import atomic_directory, latest_checkpoint, prune, publish
-from alignment.config.sections import LoraSection, ModelSection, OutputSection, TrainSection
+from alignment.config.sections import ModelSection, OutputSection, TrainSection
 from alignment.config.schema import save_resolved
 from alignment.metrics import MetricsLogger
 
@@ -157,22 +157,6 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
-
-
-def lora_config(lora: LoraSection | None, task_type: str):
-    """peft LoraConfig, or None for full fine-tuning. For SEQ_CLS peft keeps the score head trainable and saved."""
-    if lora is None:
-        return None
-    from peft import LoraConfig
-
-    target = lora.target_modules
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=target if isinstance(target, str) else list(target),
-        task_type=task_type,
-    )
 
 
 # ----------------------------------------------------------------------------- TRL arguments

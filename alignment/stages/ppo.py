@@ -47,7 +47,7 @@ from alignment.ppo import (
 )
 from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
-from alignment.models import load_causal_lm, load_tokenizer, load_value_model, render_prompt
+from alignment.models import load_causal_lm, load_tokenizer, load_value_model, lora_config, render_prompt
 from alignment.training import (
     ZeroSettings,
     all_reduce_mean,
@@ -112,7 +112,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             model, zero, lr, train.weight_decay, train.warmup_steps, algo.micro_batch_size, micro_per_minibatch, train.max_grad_norm
         )
 
-    policy = train_engine(load_causal_lm(recipe.policy), train.learning_rate)
+    policy = train_engine(_policy_model(recipe, zero), train.learning_rate)
     critic = None
     if estimator.needs_critic:
         critic = train_engine(TokenValueModel(load_value_model(recipe.value)), train.critic_learning_rate)
@@ -250,6 +250,19 @@ def run(recipe: PPORecipe, engine=None) -> None:
     logger.close()
     if rank == 0 and owns_engine:
         engine.close()
+
+
+def _policy_model(recipe: PPORecipe, zero: ZeroSettings) -> torch.nn.Module:
+    """The policy to train: all weights, or LoRA adapters on frozen base weights (merged in for each weight sync)."""
+    if recipe.policy.lora is not None and zero.stage == 3:
+        raise UserError("policy.lora: LoRA policies need ZeRO stage 0-2 (weight sync merges the adapters into whole "
+                        "weights on each rank); launch with a stage-2 config such as recipes/accelerate/cpu_zero2.yaml")
+    model = load_causal_lm(recipe.policy)
+    if recipe.policy.lora is None:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(recipe.policy.lora, "CAUSAL_LM"))
 
 
 # --------------------------------------------------------------------------------------------- scoring
@@ -448,9 +461,11 @@ def _load_checkpoint(path: Path, policy, critic, kl_ctl, rank: int) -> LoopState
 def _write_hf_policy(policy, tokenizer, target: Path, rank: int) -> None:
     """Full policy weights in HF format (safetensors) that vLLM loads as is; under ZeRO-3 every rank takes
     part in the gathers and rank 0 writes."""
-    state_dict = dict(named_tensors(policy))
+    state_dict = dict(named_tensors(policy))  # LoRA: merged into the base weights, under the base model's names
     if rank == 0:
-        policy.module.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+        model = policy.module
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(target)
 
 

@@ -60,7 +60,7 @@ def run(recipe: RMRecipe) -> dict:
         train_dataset=train,
         eval_dataset=evald,
         processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.model.lora, "SEQ_CLS"),  # SEQ_CLS keeps the score head trained and saved
+        peft_config=models.lora_config(recipe.model.lora, "SEQ_CLS"),  # SEQ_CLS keeps the score head trained and saved
         callbacks=common.stage_callbacks(layout, recipe.output, recipe.train, logger),
     )
     common.force_full_weights_on_save(trainer)

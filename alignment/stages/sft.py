@@ -64,7 +64,7 @@ def run(recipe: SFTRecipe) -> dict:
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.model.lora, "CAUSAL_LM"),
+        peft_config=models.lora_config(recipe.model.lora, "CAUSAL_LM"),
         callbacks=callbacks,
     )
     common.force_full_weights_on_save(trainer)
