@@ -107,3 +107,27 @@ def tiny_rm(tiny_paths, tiny_sft, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_rm") / "run"
     proc = run_stage("rm", REPO / "recipes/tiny/rm.yaml", tiny_rm_overrides(tiny_paths, tiny_sft.final, out))
     return _stage_result(out, proc)
+
+
+def tiny_ppo_overrides(tiny, sft, rm, out_dir: Path, critic: bool = True) -> list[str]:
+    """Point recipes/tiny/ppo.yaml (or ppo_grpo.yaml, critic=False) at a tiny build, SFT/RM runs and an output dir."""
+    overrides = [f"policy.name_or_path={sft.final}", f"rewards.0.path={rm.final}", f"prompts.sources.0.path={tiny.prompts}",
+                 f"eval.prompts={tiny.eval_prompts}", f"output.dir={out_dir}"]
+    return overrides + ([f"value.name_or_path={rm.final}"] if critic else [])
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo(tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path_factory):
+    """The tiny policy after PPO (recipes/tiny/ppo.yaml: GAE with a critic, learned RM reward), run once in this
+    process on the shared vLLM engine. `.final` is the exported policy, `.metrics` the rows of metrics.jsonl."""
+    from alignment.config.ppo import PPORecipe
+    from alignment.config.schema import load_recipe
+    from alignment.stages.ppo import run
+
+    out = tmp_path_factory.mktemp("tiny_ppo") / "run"
+    run(load_recipe(REPO / "recipes/tiny/ppo.yaml", PPORecipe, tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out)), engine=vllm_engine)
+    return SimpleNamespace(dir=out, final=out / "final", metrics=read_metrics(out))

@@ -21,7 +21,7 @@ from alignment.config.ppo import ADVANTAGE_CHOICES
 from alignment.config.schema import load_recipe
 from alignment.config.ppo import PPORecipe
 from alignment.errors import UserError
-from conftest import stage_env
+from conftest import read_metrics, stage_env, tiny_ppo_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PPO = REPO / "recipes" / "tiny" / "ppo.yaml"
@@ -29,22 +29,7 @@ TINY_PPO = REPO / "recipes" / "tiny" / "ppo.yaml"
 
 def tiny_recipe(tiny_paths, sft, rm, out: Path, *overrides: str) -> PPORecipe:
     """The shipped tiny PPO recipe, pointed at this run's SFT and RM checkpoints (fixtures) and data."""
-    return load_recipe(TINY_PPO, PPORecipe, [*_path_overrides(tiny_paths, sft, rm, out), *overrides])
-
-
-def _path_overrides(tiny_paths, sft, rm, out) -> list[str]:
-    return [
-        f"policy.name_or_path={sft.final}",
-        f"value.name_or_path={rm.final}",
-        f"rewards.0.path={rm.final}",
-        f"prompts.sources.0.path={tiny_paths.prompts}",
-        f"eval.prompts={tiny_paths.eval_prompts}",
-        f"output.dir={out}",
-    ]
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return load_recipe(TINY_PPO, PPORecipe, [*tiny_ppo_overrides(tiny_paths, sft, rm, out), *overrides])
 
 
 def test_schema_advantage_choices_match_registry():
@@ -55,27 +40,47 @@ def test_schema_advantage_choices_match_registry():
     assert set(get_args(ADVANTAGE_CHOICES)) == set(ADVANTAGE_ESTIMATORS)
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("recipe_name", ["ppo.yaml", "ppo_grpo.yaml"])
-def test_ppo_raises_gold_over_sft(recipe_name, tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
-    """The shipped tiny recipes (GAE with a critic; GRPO) against the learned RM raise the rule-based gold metric."""
-    from alignment.stages.ppo import run
-
-    out = tmp_path / recipe_name
-    overrides = [o for o in _path_overrides(tiny_paths, tiny_sft, tiny_rm, out) if recipe_name == "ppo.yaml" or not o.startswith("value.")]
-    recipe = load_recipe(TINY_PPO.parent / recipe_name, PPORecipe, [*overrides, "eval_every=20"])
-    advantage = recipe.algorithm.advantage
-    run(recipe, engine=vllm_engine)
-    metrics = read_metrics(out)
-    sft_gold = tiny_sft.summary["gold_after"]
+def assert_gold_rises(metrics: list[dict], sft_gold: float, label: str) -> None:
     final_gold = metrics[-1]["eval/gold"]
-    print(f"{advantage}: SFT gold {sft_gold:.3f} -> PPO gold {final_gold:.3f}; final KL {metrics[-1]['ppo/kl']:.3f}")
+    print(f"{label}: SFT gold {sft_gold:.3f} -> PPO gold {final_gold:.3f}; final KL {metrics[-1]['ppo/kl']:.3f}")
     # 128 held-out prompts x 4 samples: the standard error of the mean gold is ~0.02, so +0.10 is a clear gain.
     assert final_gold > sft_gold + 0.10, (sft_gold, final_gold)
     assert all(m["ppo/kl"] < 10.0 for m in metrics), "KL to the reference must stay bounded"
     assert all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics), "vLLM and trainer log-probs must agree after every sync"
-    # The exported policy is a plain HF checkpoint.
-    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+
+
+@pytest.mark.e2e
+def test_gae_ppo_raises_gold_over_sft(tiny_sft, tiny_ppo):
+    """recipes/tiny/ppo.yaml (GAE with a critic initialised from the RM, learned RM reward) beats SFT on the rule."""
+    assert_gold_rises(tiny_ppo.metrics, tiny_sft.summary["gold_after"], "gae")
+    # The exported policy and every checkpoint's policy are plain HF checkpoints.
+    assert (tiny_ppo.final / "model.safetensors").is_file() and (tiny_ppo.final / "tokenizer.json").is_file()
+    assert (tiny_ppo.dir / "checkpoints" / "checkpoint-20" / "policy_hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_grpo_raises_gold_over_sft(tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+    """recipes/tiny/ppo_grpo.yaml (critic-free, KL in the loss) beats SFT on the rule too."""
+    from alignment.stages.ppo import run
+
+    out = tmp_path / "grpo"
+    recipe = load_recipe(TINY_PPO.parent / "ppo_grpo.yaml", PPORecipe, tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out, critic=False))
+    run(recipe, engine=vllm_engine)
+    assert_gold_rises(read_metrics(out), tiny_sft.summary["gold_after"], "grpo")
+
+
+@pytest.mark.parametrize("advantage", ["dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"])
+def test_other_estimators_run_and_move_the_policy(advantage, tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+    """The critic-free estimators share the loop: two steps each, the policy moves, vLLM stays in sync."""
+    from alignment.stages.ppo import run
+
+    out = tmp_path / advantage
+    recipe = load_recipe(TINY_PPO.parent / "ppo_grpo.yaml", PPORecipe,
+                         [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out, critic=False),
+                          f"algorithm.advantage={advantage}", "train.steps=2", "eval=null"])
+    run(recipe, engine=vllm_engine)
+    metrics = read_metrics(out)
+    assert metrics[-1]["ppo/kl"] > 0 and all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics)
 
 
 def _write_reward_file(path: Path) -> Path:
@@ -174,7 +179,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_paths, tiny_sft, tiny_
     common = ["ppo", str(TINY_PPO), "rollout.engine=hf", "train.steps=6", "output.save_steps=2", "eval=null",
               "train.prompts_per_step=8", "algorithm.micro_batch_size=16"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    args = lambda out: [*common, *_path_overrides(tiny_paths, tiny_sft, tiny_rm, out)]  # noqa: E731
+    args = lambda out: [*common, *tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out)]  # noqa: E731
 
     assert _launch(args(straight), env).wait(timeout=600) == 0
 
@@ -206,7 +211,7 @@ def test_zero3_two_processes_with_rollout_server(tiny_paths, tiny_sft, tiny_rm, 
     out = tmp_path / "zero3"
     run_stage(
         "ppo", TINY_PPO,
-        [*_path_overrides(tiny_paths, tiny_sft, tiny_rm, out), "rollout.engine=remote", "rollout.launch_servers=1",
+        [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out), "rollout.engine=remote", "rollout.launch_servers=1",
          "train.steps=4", "output.save_steps=2", "eval=null"],  # steps 1-2 warm up the critic, 3-4 move the actor
         accelerate_config=REPO / "recipes" / "accelerate" / "cpu_zero3.yaml", timeout=900,
     )
@@ -242,3 +247,19 @@ def test_lora_policy_syncs_merged_weights_and_exports_plain_hf(tiny_paths, tiny_
     assert exported.keys() == sft.keys()
     changed = [k for k in sft if not torch.equal(exported[k], sft[k])]
     assert changed and all(k.endswith("proj.weight") for k in changed), changed  # only the adapted linear layers moved
+
+
+def test_running_reward_normalization(tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+    """reward_normalization: running standardises the total reward with its running moments (saved for resume)."""
+    from alignment.stages.ppo import run
+
+    out = tmp_path / "running"
+    recipe = load_recipe(TINY_PPO.parent / "ppo_grpo.yaml", PPORecipe,
+                         [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out, critic=False), "train.steps=2",
+                          "eval=null", "algorithm.reward_normalization=running", "output.save_steps=2"])
+    run(recipe, engine=vllm_engine)
+    first = read_metrics(out)[0]
+    assert first["ppo/reward"] != pytest.approx(0.0, abs=1e-3)
+    assert first["ppo/score"] == pytest.approx(0.0, abs=1e-5)  # step 1 is standardised by its own moments
+    saved = json.loads((out / "checkpoints" / "checkpoint-2" / "loop_state.json").read_text())["running_reward"]
+    assert saved["count"] == 2 * 32 * 4  # every sample of both steps

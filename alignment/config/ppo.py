@@ -69,6 +69,9 @@ class PPOAlgorithmSection:
     value_clip: float | None = option(0.5, help="value clipping range (None: off)", min=0.0)
     vf_coef: float = option(0.5, help="value-loss weight", min=0.0)
     critic_warmup_steps: int = option(0, help="steps that train only the critic (actor frozen)", min=0)
+    reward_normalization: Literal["none", "running"] = option(
+        "none", help="running: standardise the total reward with its running mean/std over the run (model terms can "
+        "also use the RM's saved stats: rewards.N.normalize)")
     reward_clip: float | None = option(10.0, help="clip the (normalised) score to [-c, c]", min=0.0)
     truncation_penalty: float | None = option(None, help="added to the score of answers cut at max_new_tokens (no EOS)")
     tis_cap: float | None = option(2.0, help="truncated importance-sampling cap for the sampler/trainer mismatch (None: off)", min=1.0)

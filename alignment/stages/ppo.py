@@ -29,25 +29,27 @@ from alignment.config.schema import save_resolved
 from alignment.data import load_stage_data
 from alignment.errors import UserError
 from alignment.metrics import MetricsLogger, truncate_metrics
+from alignment.models import load_causal_lm, load_tokenizer, load_value_model, lora_config, render_prompt
 from alignment.ppo import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
     AdaptiveKLController,
     AdvantageParams,
     FixedKLController,
+    RunningMoments,
     aggregate_loss,
     clip_scores,
     clipped_policy_loss,
     clipped_value_loss,
     explained_variance,
     masked_mean,
+    normalize_scores,
     penalize_truncated,
     token_mult_prob_error,
     truncated_is_weights,
 )
 from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
-from alignment.models import load_causal_lm, load_tokenizer, load_value_model, lora_config, render_prompt
 from alignment.training import (
     ZeroSettings,
     all_reduce_mean,
@@ -63,7 +65,6 @@ from reward.composite import CompositeReward
 from reward.functions import load_reward_function
 from rollout import SamplingConfig
 from rollout.weight_sync import named_tensors, sync_weights
-
 
 CONSOLE_KEYS = ["ppo/reward", "ppo/gold", "eval/gold", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/value_loss",
                 "ppo/logprob_mismatch", "time/step"]  # every metric goes to metrics.jsonl and TensorBoard
@@ -121,13 +122,14 @@ def run(recipe: PPORecipe, engine=None) -> None:
     gold = load_reward_function(recipe.gold_metric) if recipe.gold_metric else None
     kl_ctl = AdaptiveKLController(algo.kl.coef, algo.kl.target, algo.kl.horizon) if algo.kl.target is not None else FixedKLController(algo.kl.coef)
     kl_fn = KL_ESTIMATORS[algo.kl.estimator]
+    running_reward = RunningMoments() if algo.reward_normalization == "running" else None
     temperature = sampling_cfg.temperature or 1.0  # greedy sampling scores tokens at T = 1
 
     # ---- resume, rollout engine, outputs
     state = LoopState()
     latest = ckpt.latest_checkpoint(out / "checkpoints") if recipe.output.resume else None
     if latest is not None:
-        state = _load_checkpoint(latest, policy, critic, kl_ctl, rank)
+        state = _load_checkpoint(latest, policy, critic, kl_ctl, running_reward, rank)
     owns_engine = engine is None
     if rank == 0 and engine is None:
         engine = _make_rollout_engine(recipe)
@@ -167,6 +169,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
         columns = {c: [prompts[r][c] for r in local_rows] for c in label_columns}
         raw, parts = reward([prompts[r]["prompt"] for r in local_rows], texts, columns)
         scores = raw.clone()
+        if running_reward is not None:
+            running_reward.update(_all_gather(raw))  # the same statistics on every rank
+            scores = normalize_scores(scores, running_reward.mean, running_reward.std)
         if algo.truncation_penalty is not None:
             scores = penalize_truncated(scores, batch.finish_reasons, algo.truncation_penalty)
         if algo.reward_clip is not None:
@@ -243,7 +248,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
         last_metrics = metrics
         progress.update(1)
         if state.step % recipe.output.save_steps == 0 or state.step == train.steps:
-            _save_checkpoint(out / "checkpoints", state, policy, critic, kl_ctl, tokenizer, rank, recipe.output.save_total_limit)
+            _save_checkpoint(out / "checkpoints", state, policy, critic, kl_ctl, running_reward, tokenizer, rank,
+                             recipe.output.save_total_limit)
 
     progress.close()
     _export_final(policy, tokenizer, out, rank, {"steps": train.steps, "final_metrics": last_metrics})
@@ -382,6 +388,15 @@ def _broadcast(obj):
     return holder[0]
 
 
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a same-shaped tensor from every rank (in rank order)."""
+    if dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -420,7 +435,8 @@ def _evaluate(recipe: PPORecipe, engine, tokenizer) -> dict[str, float]:
     return {"eval/gold": float(np.mean(scores))}
 
 
-def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, tokenizer, rank: int, keep_last: int) -> None:
+def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, running_reward, tokenizer, rank: int,
+                     keep_last: int) -> None:
     """Every rank writes its DeepSpeed shards into a staging directory; rank 0 publishes it by rename.
 
     Besides the DeepSpeed states needed to resume, `policy_hf/` holds the policy in HF format, so the
@@ -437,7 +453,9 @@ def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, token
         critic.save_checkpoint(str(staging / "critic"), tag="ds")
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, staging / f"rng-rank{rank}.pt")
     if rank == 0:
-        (staging / "loop_state.json").write_text(json.dumps({"loop": asdict(state), "kl_controller": kl_ctl.state_dict()}))
+        saved = {"loop": asdict(state), "kl_controller": kl_ctl.state_dict(),
+                 "running_reward": running_reward.state_dict() if running_reward is not None else None}
+        (staging / "loop_state.json").write_text(json.dumps(saved))
     dist.barrier()
     if rank == 0:
         ckpt.publish(staging, root / f"checkpoint-{state.step}")
@@ -445,12 +463,14 @@ def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, token
     dist.barrier()
 
 
-def _load_checkpoint(path: Path, policy, critic, kl_ctl, rank: int) -> LoopState:
+def _load_checkpoint(path: Path, policy, critic, kl_ctl, running_reward, rank: int) -> LoopState:
     policy.load_checkpoint(str(path / "policy"), tag="ds")
     if critic is not None:
         critic.load_checkpoint(str(path / "critic"), tag="ds")
     saved = json.loads((path / "loop_state.json").read_text())
     kl_ctl.load_state_dict(saved["kl_controller"])
+    if running_reward is not None and saved.get("running_reward"):
+        running_reward.load_state_dict(saved["running_reward"])
     rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
