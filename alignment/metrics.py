@@ -14,13 +14,16 @@ from alignment import distributed
 class MetricsLogger:
     """`log(step, {"ppo/reward": 0.5, ...})` appends to `<dir>/metrics.jsonl` and TensorBoard under `<dir>/tensorboard`.
 
-    Only rank 0 writes. Console lines show `console_keys` (all keys if None) every `console_every` steps.
+    Only rank 0 writes. Console lines show `console_keys` (all keys if None) every `console_every` steps, without
+    the `console_namespace` prefix (e.g. "ppo/").
     """
 
-    def __init__(self, out_dir: str | Path, console_every: int = 1, console_keys: list[str] | None = None):
+    def __init__(self, out_dir: str | Path, console_every: int = 1, console_keys: list[str] | None = None,
+                 console_namespace: str = ""):
         self.enabled = distributed.is_main()
         self.console_every = console_every
         self.console_keys = console_keys
+        self.console_namespace = console_namespace
         self._writer = None
         if not self.enabled:
             return
@@ -45,7 +48,8 @@ class MetricsLogger:
                     self._writer.add_scalar(key, value, step)
         if step % self.console_every == 0:
             keys = self.console_keys or list(clean)
-            shown = " ".join(f"{k.split('/')[-1]}={clean[k]:.4g}" for k in keys if k in clean)
+            # Keys keep their namespace (eval/gold vs ppo/gold) except the stage's own, which every line has.
+            shown = " ".join(f"{k.removeprefix(self.console_namespace)}={clean[k]:.4g}" for k in keys if k in clean)
             print(f"[step {step}] {shown}", flush=True)
 
     def close(self) -> None:

@@ -141,7 +141,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
         truncate_metrics(out / "metrics.jsonl", state.step)
         print(f"ppo: {len(prompts)} prompts, {world} process(es), ZeRO stage {zero.stage}, advantage {algo.advantage}"
               + (f", resumed at step {state.step} from {latest}" if latest else ""), flush=True)
-    logger = MetricsLogger(out, console_every=recipe.output.logging_steps, console_keys=CONSOLE_KEYS)
+    logger = MetricsLogger(out, console_every=recipe.output.logging_steps, console_keys=CONSOLE_KEYS,
+                           console_namespace="ppo/")
     progress = tqdm(total=train.steps, initial=state.step, desc="ppo", disable=rank != 0)
     last_metrics: dict[str, float] = {}
 
