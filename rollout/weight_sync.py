@@ -181,19 +181,18 @@ def write_chunks(
         batch[name] = t
         size += t.nbytes
         if size >= chunk_bytes:
-            chunk = flush()
-            try:
-                yield chunk
-            finally:
-                if os.path.exists(chunk.path):
-                    os.remove(chunk.path)
+            yield from _handed_out(flush())
     if batch:
-        chunk = flush()
-        try:
-            yield chunk
-        finally:
-            if os.path.exists(chunk.path):
-                os.remove(chunk.path)
+        yield from _handed_out(flush())
+
+
+def _handed_out(chunk: ChunkFile) -> Iterator[ChunkFile]:
+    """Yield a chunk file to the consumer, then delete it whatever the consumer did with it."""
+    try:
+        yield chunk
+    finally:
+        if os.path.exists(chunk.path):
+            os.remove(chunk.path)
 
 
 def load_file_weights(path: str) -> list[tuple[str, torch.Tensor]]:

@@ -201,6 +201,15 @@ def training_args(config_cls, train: TrainSection, output: OutputSection, layout
     )
 
 
+def train(trainer, resume: Path | None) -> None:
+    """Train a TRL trainer from `resume` (or from scratch), saving full (gathered) weights, recording batches if asked."""
+    force_full_weights_on_save(trainer)
+    maybe_record_batches(trainer)
+    if resume is not None and distributed.is_main():
+        print(f"resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
 def force_full_weights_on_save(trainer) -> None:
     """Under ZeRO-3, make `save_model` gather full weights (not only DeepSpeed shards) whatever the config says."""
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)

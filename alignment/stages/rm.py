@@ -63,13 +63,9 @@ def run(recipe: RMRecipe) -> dict:
         peft_config=models.lora_config(recipe.model.lora, "SEQ_CLS"),  # SEQ_CLS keeps the score head trained and saved
         callbacks=common.stage_callbacks(layout, recipe.output, recipe.train, logger),
     )
-    common.force_full_weights_on_save(trainer)
-    common.maybe_record_batches(trainer)
 
     # ---- train
-    if resume is not None and distributed.is_main():
-        print(f"resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    common.train(trainer, resume)
     summary["steps"] = trainer.state.global_step
 
     # ---- held-out evaluation with the in-memory (possibly sharded) model

@@ -67,13 +67,9 @@ def run(recipe: SFTRecipe) -> dict:
         peft_config=models.lora_config(recipe.model.lora, "CAUSAL_LM"),
         callbacks=callbacks,
     )
-    common.force_full_weights_on_save(trainer)
-    common.maybe_record_batches(trainer)
 
     # ---- train
-    if resume is not None and distributed.is_main():
-        print(f"resuming from {resume}", flush=True)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    common.train(trainer, resume)
     summary["steps"] = trainer.state.global_step
     first_eval = callbacks[1].evaluations[0] if callbacks[1].evaluations else (None, {})
     if first_eval[0] == 0 and "eval_loss" in first_eval[1]:
