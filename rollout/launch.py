@@ -7,6 +7,7 @@ CUDA_VISIBLE_DEVICES), on a free loopback port. The returned engine stops them w
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,15 +31,23 @@ class LaunchedServers(RemoteEngine):
             raise RolloutError(f"rollout servers did not become ready within {ready_timeout:.0f} s{hint}") from None
 
     def close(self) -> None:
+        """Stop every server with its vLLM engine processes (each server leads its own process group)."""
         super().close()
         for p in self.processes:
-            if p.poll() is None:
-                p.terminate()
+            _signal_group(p, signal.SIGTERM)
         for p in self.processes:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                p.kill()
+                pass
+            _signal_group(p, signal.SIGKILL)  # whatever is left of the group (engine core, workers)
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _free_port() -> int:
@@ -67,6 +76,7 @@ def launch_servers(
         log = open(os.path.join(log_dir, f"rollout-server-{i}.log"), "w") if log_dir else subprocess.DEVNULL
         cmd = [sys.executable, "-m", "alignment", "rollout", "serve", "--model", model, "--port", str(port),
                "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed)]
-        processes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        # A new session: the server and the engine processes it spawns form one group, stopped together.
+        processes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         urls.append(f"http://127.0.0.1:{port}")
     return LaunchedServers(urls, processes, timeout=timeout_s, ready_timeout=ready_timeout_s)

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -158,6 +159,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, engine: str = "
     """Start an engine on `model` and serve it until interrupted (blocking)."""
     eng = build_engine(model, engine, **engine_kwargs)
     server = make_server(eng, host, port, model_name=str(model))
+    # `kill` (SIGTERM) must also stop the engine's own processes (vLLM's engine core and workers), which
+    # would otherwise outlive the server holding gigabytes: turn it into the KeyboardInterrupt handled below.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     log.warning("rollout server for %s listening on http://%s:%d", model, host, server.server_address[1])
     print(f"rollout server ready on http://{host}:{server.server_address[1]}", flush=True)
     try:
@@ -167,6 +171,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, engine: str = "
     finally:
         server.server_close()
         eng.close()
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> None:

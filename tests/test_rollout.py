@@ -8,6 +8,7 @@ engine in a subprocess, launched by the first vLLM test so the two start-ups ove
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -108,16 +109,26 @@ def server_proc(tiny_dir, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("rollout_server") / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rollout.server", "--model", str(tiny_dir), "--port", str(port), "--max-model-len", str(MAX_LEN)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     yield proc, f"http://127.0.0.1:{port}"
     if proc.poll() is None:
-        proc.terminate()
+        proc.terminate()  # the server closes its engine on SIGTERM
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+    kill_group(proc)
     log.close()
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the server and the vLLM engine processes it started (its process group): nothing outlives the test."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
 
 
 # ------------------------------------------------------------------------------------------ tests without vLLM
@@ -312,8 +323,7 @@ def test_remote_server_generate_sync_and_death(server_proc, tiny_dir):
     assert [s.prompt_index for s in split] == list(range(5))
     assert [s.completion_ids for s in split] == [s.completion_ids for s in whole]
 
-    proc.kill()
-    proc.wait(30)
+    kill_group(proc)  # a dead server (and its engine)
     start = time.monotonic()
     with pytest.raises(RolloutError, match=r"rollout server http://127\.0\.0\.1:\d+ "):
         engine.generate(PROMPTS, SamplingConfig(max_new_tokens=4))
