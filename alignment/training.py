@@ -51,16 +51,24 @@ def _device(value: str | None) -> str | None:
 
 
 def init_distributed() -> None:
-    """Join the launcher's process group, or make a world of one for a plain `alignment ppo` run."""
+    """Join the launcher's process group, or make a world of one for a plain `alignment ppo` run.
+
+    The world of one passes rank, size and address explicitly rather than through os.environ, where
+    RANK/MASTER_PORT would be inherited by any process started later (a rollout server, another stage) and make
+    it join this process's group. Only LOCAL_RANK goes there, because DeepSpeed's engine insists on it.
+    """
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        with socket.socket() as s:  # a free loopback port for the single-process group
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if "RANK" in os.environ:  # started by a launcher (accelerate, torchrun, deepspeed)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")
+    with socket.socket() as s:  # a free loopback port for the single-process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
+                               rank=0, world_size=1)
 
 
 def device() -> torch.device:

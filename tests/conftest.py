@@ -47,8 +47,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def stage_env(**extra: str) -> dict:
-    """Environment for a stage subprocess (one torch thread, like this process: see the top of this file)."""
-    env = dict(os.environ)
+    """Environment for a stage subprocess (one torch thread, like this process: see the top of this file).
+
+    Without the launcher variables of this process (an in-process PPO run sets LOCAL_RANK for DeepSpeed):
+    a subprocess is its own launch."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from alignment.errors import RolloutError
+from conftest import stage_env
 from alignment.ppo.logprobs import completion_logprobs
 from alignment.ppo.mismatch import token_mult_prob_error
 from rollout import SamplingConfig, SyncStats, make_engine, named_tensors
@@ -105,7 +106,7 @@ def tiny_dir(tiny_paths) -> Path:
 def server_proc(tiny_dir, tmp_path_factory):
     """A rollout server subprocess, started first so its start-up overlaps the in-process engine's."""
     port = free_port()
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO))
+    env = stage_env(VLLM_CPU_KVCACHE_SPACE="1")
     log = open(tmp_path_factory.mktemp("rollout_server") / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rollout.server", "--model", str(tiny_dir), "--port", str(port), "--max-model-len", str(MAX_LEN)],
