@@ -203,17 +203,19 @@ def test_preference_labels_agree_with_gold_at_noise_rate(tiny):
 
 # ----------------------------------------------------------------------------- vLLM (shared engine)
 
-def test_vllm_generates_from_tiny_model(vllm_engine):
-    """Generate with the session's shared vLLM engine (tests/conftest.py) over the tiny base model."""
-    from vllm import SamplingParams
+def test_vllm_generates_from_tiny_model(vllm_engine, tiny_paths):
+    """vLLM serves the tiny model with its own tokenizer (the session's shared engine, base weights synced in)."""
+    from transformers import AutoModelForCausalLM
 
+    from rollout import SamplingConfig, sync_weights
+
+    sync_weights(vllm_engine, AutoModelForCausalLM.from_pretrained(tiny_paths.base), version=0)  # earlier tests may have loaded others
     prompt = "<|user|> review the lamp <|end|> <|assistant|>"
-    outs = vllm_engine.generate([prompt] * 4, SamplingParams(max_tokens=8, temperature=1.0, seed=0))
-    assert len(outs) == 4
+    samples = vllm_engine.generate([prompt] * 4, SamplingConfig(max_new_tokens=8, temperature=1.0, seed=0))
+    assert len(samples) == 4
     vocab_size = len(task.vocabulary())
-    for out in outs:
-        completion = out.outputs[0]
-        assert 0 < len(completion.token_ids) <= 8
-        assert all(0 <= t < vocab_size for t in completion.token_ids)
-        assert isinstance(completion.text, str)
-    assert outs[0].prompt_token_ids == [2, 64, 73, 43, 4, 3]
+    for sample in samples:
+        assert 0 < len(sample.completion_ids) <= 8
+        assert all(0 <= t < vocab_size for t in sample.completion_ids)
+        assert isinstance(sample.text, str)
+    assert samples[0].prompt_ids == [2, 64, 73, 43, 4, 3]
