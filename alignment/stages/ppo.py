@@ -189,11 +189,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         batch.advantages, batch.returns = estimator.compute(batch.scores, kl_tokens, mask, batch.values, params)
         healthy = finite(batch.scores, batch.advantages, batch.old_logp, batch.ref_logp)
         if any_rank(not healthy):
-            state.bad_steps += 1
-            if rank == 0:
-                print(f"warning: step {step}: NaN/inf in rewards or advantages; step skipped ({state.bad_steps} in a row)", flush=True)
-            if state.bad_steps >= train.max_bad_steps:
-                raise UserError(f"stopping: {state.bad_steps} consecutive steps had NaN/inf rewards or losses (see metrics.jsonl)")
+            _count_bad_step(state, train.max_bad_steps, rank, "NaN/inf in rewards or advantages; step skipped")
             state.step += 1
             progress.update(1)
             continue
@@ -203,9 +199,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         train_stats = _train_on_batch(batch, policy, critic, recipe, kl_ctl.coef, kl_fn, tokenizer.pad_token_id, dev,
                                       temperature, train_actor=critic is None or step >= algo.critic_warmup_steps, generator_seed=train.seed * 7919 + step)
         if train_stats.pop("bad_micro_batches") > 0:
-            state.bad_steps += 1
-            if state.bad_steps >= train.max_bad_steps:
-                raise UserError(f"stopping: {state.bad_steps} consecutive steps had NaN/inf losses (see metrics.jsonl)")
+            _count_bad_step(state, train.max_bad_steps, rank, "NaN/inf losses; those micro-batches were skipped")
         else:
             state.bad_steps = 0
         timings["train"] = time.perf_counter() - t2
@@ -216,7 +210,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         timings["sync"] = time.perf_counter() - t3
 
         # ---- 6. metrics, KL controller, checkpoint, evaluation
-        seq_kl = float((kl_fn(batch.old_logp, batch.ref_logp) * mask).sum(1).mean())
+        seq_kl = float(kl_tokens.sum(1).mean())
         metrics = {
             "ppo/reward": float(raw.mean()),
             "ppo/score": float(scores.mean()),
@@ -270,6 +264,15 @@ def _policy_model(recipe: PPORecipe, zero: ZeroSettings) -> torch.nn.Module:
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(recipe.policy.lora, "CAUSAL_LM"))
+
+
+def _count_bad_step(state: LoopState, max_bad_steps: int, rank: int, what: str) -> None:
+    """Warn about a step with NaN/inf values; stop the run once `max_bad_steps` such steps come in a row."""
+    state.bad_steps += 1
+    if rank == 0:
+        print(f"warning: step {state.step}: {what} ({state.bad_steps} in a row)", flush=True)
+    if state.bad_steps >= max_bad_steps:
+        raise UserError(f"stopping: {state.bad_steps} consecutive steps had NaN/inf rewards or losses (see metrics.jsonl)")
 
 
 # --------------------------------------------------------------------------------------------- scoring
