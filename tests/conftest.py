@@ -83,6 +83,19 @@ def tiny_rm_overrides(tiny, policy: Path, out_dir: Path) -> list[str]:
             f"gold_agreement.prompts={tiny.eval_prompts}", f"output.dir={out_dir}"]
 
 
+def even_eval_split(source: Path, out_dir: Path, n_eval: int = 128) -> list[str]:
+    """Overrides that hold out the first `n_eval` distinct rows of `source` as `data.eval_sources` and train on the rest.
+
+    With n_eval a multiple of world size x batch size, every rank's eval batches are full, so the distributed eval
+    loop (which pads a short last batch with repeated rows) averages exactly the batches a single process sees.
+    """
+    rows = list(dict.fromkeys(source.read_text().splitlines()))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.jsonl").write_text("\n".join(rows[:n_eval]) + "\n")
+    (out_dir / "train.jsonl").write_text("\n".join(rows[n_eval:]) + "\n")
+    return [f"data.sources.0.path={out_dir / 'train.jsonl'}", f"data.eval_sources=[{{path: {out_dir / 'eval.jsonl'}}}]"]
+
+
 def _stage_result(out_dir: Path, proc: subprocess.CompletedProcess) -> SimpleNamespace:
     return SimpleNamespace(dir=out_dir, final=out_dir / "final", summary=json.loads((out_dir / "summary.json").read_text()),
                            log=proc.stdout + proc.stderr)
