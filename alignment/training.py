@@ -132,6 +132,10 @@ def make_train_engine(
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, config=config, lr_scheduler=scheduler
     )
+    if world == 1 and zero.stage == 0:
+        # One process has nothing to reduce, yet DeepSpeed would flatten every gradient into one buffer,
+        # "all-reduce" it and copy it back at each optimizer step: ~1 s per step for 100M parameters on CPU.
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -6,8 +6,9 @@ One invocation, for the tiny default (`--model tiny`) or a ~100M-parameter rando
    recipes/tiny/ppo_grpo.yaml (GRPO, no critic) and recipes/tiny/ppo.yaml (GAE, with a critic). Per step it
    logs time/generate, time/score, time/train, time/sync, time/step and perf/tokens_per_s to metrics.jsonl;
    we average them over the steps after `--warmup` warm-up steps ("other" = step - the four parts: advantages,
-   NaN checks, the gold metric, metric reductions). A thin wrapper around the rollout engine also times the
-   engine's own `generate` and records the last step's prompts and samples.
+   NaN checks, the gold metric, metric reductions). A thin wrapper around the rollout engine records the last
+   step's prompts and samples. Modes `grpo_async` / `gae_async` run the same recipes with
+   `rollout.async_generation=true` and report step / max(generate, train).
 2. **Limits**, on that last step's exact token batch:
    * generate: raw `vllm.LLM.generate` (the stage's engine) on the same prompts, one request per sample
      forced to that sample's completion length (min_tokens = max_tokens, ignore_eos), no logprobs, no seeds;
@@ -121,8 +122,9 @@ def build_recipes(model: str, tiny, policy: Path, rm: Path | None, work: Path, s
         common += [f"rewards.0.path={rm}"]
     recipes = {}
     for mode in modes:
-        out = [f"output.dir={work / ('run_' + mode)}"]
-        if mode == "grpo":
+        algorithm, _, schedule = mode.partition("_")  # grpo, gae, grpo_async, gae_async
+        out = [f"output.dir={work / ('run_' + mode)}", f"rollout.async_generation={schedule == 'async'}"]
+        if algorithm == "grpo":
             recipes[mode] = load_recipe(REPO / "recipes/tiny/ppo_grpo.yaml", PPORecipe, [*common, *out])
         else:  # GAE; the critic starts from the RM (tiny) or from the policy with a fresh head (100m)
             critic = rm if model == "tiny" else policy
@@ -136,11 +138,10 @@ def build_recipes(model: str, tiny, policy: Path, rm: Path | None, work: Path, s
 
 
 class RecordingEngine:
-    """Delegates to a rollout engine; times each `generate` and keeps the last call's prompts, sampling, samples."""
+    """Delegates to a rollout engine; keeps the last `generate` call's prompts, sampling and samples."""
 
     def __init__(self, engine):
         self.inner = engine
-        self.generate_s: list[float] = []
         self.last = None
 
     def __getattr__(self, name):
@@ -151,9 +152,7 @@ class RecordingEngine:
         return self.inner.weight_version
 
     def generate(self, prompts, sampling):
-        t = time.perf_counter()
         samples = self.inner.generate(prompts, sampling)
-        self.generate_s.append(time.perf_counter() - t)
         self.last = (prompts, sampling, samples)
         return samples
 
@@ -178,10 +177,16 @@ def run_stage(recipe, engine, warmup: int) -> dict:
     rows = [json.loads(line) for line in (Path(recipe.output.dir) / "metrics.jsonl").read_text().splitlines()]
     kept = rows[warmup:] if len(rows) > warmup else rows[-1:]
     res = {p: mean([r[f"time/{p}"] for r in kept]) for p in ["generate", "score", "train", "sync", "step"]}
+    # Async mode: the loop waits for rollouts twice (step start, before the sync); "generate" is both waits,
+    # "generate_engine" the engine's own generation time, most of it hidden behind score + train.
+    res["generate"] += mean([r.get("time/generate_wait", 0.0) for r in kept])
+    res["generate_engine"] = mean([r["rollout/generate_seconds"] for r in kept])
     res["other"] = res["step"] - sum(res[p] for p in ["generate", "score", "train", "sync"])
+    res["step_over_max_generate_train"] = res["step"] / max(res["generate_engine"], res["train"])
+    res["step_over_max_generate_score_train"] = res["step"] / max(res["generate_engine"], res["score"] + res["train"])
+    res["staleness"] = mean([r["rollout/staleness"] for r in kept])
     res["tokens_per_s"] = mean([r["perf/tokens_per_s"] for r in kept])
     res["response_length"] = mean([r["ppo/response_length"] for r in kept])
-    res["engine_generate"] = mean(rec.generate_s[warmup:] or rec.generate_s[-1:])  # one call per step (eval is off)
     res["steps_measured"] = len(kept)
     res["stage_wall_s"] = wall
     res["per_step"] = [{k: r[k] for k in r if k.startswith("time/")} for r in rows]
@@ -399,7 +404,8 @@ def main() -> None:
     ap.add_argument("--model", choices=["tiny", "100m"], default="tiny")
     ap.add_argument("--steps", type=int, default=None, help="PPO steps per mode (default: tiny 6, 100m 3)")
     ap.add_argument("--warmup", type=int, default=None, help="first steps left out of the averages (default: tiny 2, 100m 1)")
-    ap.add_argument("--modes", default=None, help="comma list of grpo,gae (default: tiny grpo,gae; 100m grpo)")
+    ap.add_argument("--modes", default=None, help="comma list of grpo,gae,grpo_async,gae_async "
+                    "(default: tiny all four; 100m grpo,grpo_async)")
     ap.add_argument("--trl-rounds", type=int, default=None, help="TRL rollout batches (default: steps); 0 skips TRL")
     ap.add_argument("--repeats", type=int, default=3, help="best-of repeats for the raw generate/score limits")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -413,7 +419,7 @@ def main() -> None:
     tiny_model = args.model == "tiny"
     steps = args.steps or (6 if tiny_model else 3)
     warmup = args.warmup if args.warmup is not None else (2 if tiny_model else 1)
-    modes = (args.modes or ("grpo,gae" if tiny_model else "grpo")).split(",")
+    modes = (args.modes or ("grpo,gae,grpo_async,gae_async" if tiny_model else "grpo,grpo_async")).split(",")
     trl_rounds = steps if args.trl_rounds is None else args.trl_rounds
     t_start = time.perf_counter()
     result: dict = {"model": args.model, "steps": steps, "warmup": warmup, "host_cores": os.cpu_count(),
@@ -440,6 +446,10 @@ def main() -> None:
         pad_id = AutoTokenizer.from_pretrained(policy).pad_token_id
         try:
             for mode, recipe in recipes.items():
+                if mode.endswith("_async"):  # same batches as the synchronous mode: only the stage is timed
+                    print(f"== {args.model} {mode}: stage, {steps} steps", flush=True)
+                    result["modes"][mode] = {"stage": run_stage(recipe, engine, warmup)[0]}
+                    continue
                 s = recipe.rollout.sampling
                 row: dict = {"prompts_per_step": recipe.train.prompts_per_step, "samples_per_prompt": s.samples_per_prompt,
                              "max_new_tokens": s.max_new_tokens, "micro_batch_size": recipe.algorithm.micro_batch_size,
@@ -463,6 +473,8 @@ def main() -> None:
             result["trl"] = trl
             if "step_s" in trl:
                 result["ours_over_trl"] = result["modes"]["grpo"]["stage"]["step"] / trl["step_s"]
+                if "grpo_async" in result["modes"]:
+                    result["ours_async_over_trl"] = result["modes"]["grpo_async"]["stage"]["step"] / trl["step_s"]
     result["wall_s"] = time.perf_counter() - t_start
     print_table(result)
     if args.out:
@@ -473,7 +485,15 @@ def print_table(r: dict) -> None:
     print(f"\nmodel {r['model']} ({r['params'] / 1e6:.2f}M params), {r['steps']} steps, first {r['warmup']} left out; "
           f"vLLM start {r['engine_start_s']:.0f} s; wall {r['wall_s']:.0f} s")
     for mode, row in r["modes"].items():
-        st, lim = row["stage"], row["limits"]
+        st = row["stage"]
+        if "limits" not in row:  # async
+            print(f"\n[{mode}] step {st['step']:.3f} s: engine generate {st['generate_engine']:.3f} s (waited {st['generate']:.3f}), "
+                  f"score {st['score']:.3f}, train {st['train']:.3f}, sync {st['sync']:.3f}, other {st['other']:.3f}; "
+                  f"step/max(generate, train) {st['step_over_max_generate_train']:.2f}, "
+                  f"step/max(generate, score + train) {st['step_over_max_generate_score_train']:.2f}; "
+                  f"staleness {st['staleness']:.2f}; tokens/s {st['tokens_per_s']:.0f}")
+            continue
+        lim = row["limits"]
         print(f"\n[{mode}] {row['prompts_per_step']} prompts x {row['samples_per_prompt']} samples x <= {row['max_new_tokens']} tokens "
               f"(mean length {st['response_length']:.1f}), micro {row['micro_batch_size']}, {row['minibatches']} minibatches x "
               f"{row['epochs']} epochs")
@@ -483,7 +503,7 @@ def print_table(r: dict) -> None:
             ratio = f"{st[p] / lv:>11.1f}" if lv else f"{'':>11}"
             print(f"{p:<10} {st[p]:>9.3f} {st[p] / st['step']:>6.0%} {lv if lv is not None else float('nan'):>9.3f} {ratio}")
         print(f"{'step':<10} {st['step']:>9.3f} {'':>6} {lim['sum']:>9.3f} {row['step_over_limits']:>11.1f}")
-        print(f"tokens/s end to end {st['tokens_per_s']:.0f}; engine.generate {st['engine_generate']:.3f} s; "
+        print(f"tokens/s end to end {st['tokens_per_s']:.0f}; engine.generate {st['generate_engine']:.3f} s; "
               f"raw vLLM with the engine's params (seeds, logprobs) {lim['raw_engine_params']:.3f} s; "
               f"padded/real tokens in forwards {lim['tokens_in_batch']}/{lim['real_tokens_in_batch']}")
     if "trl" in r:
@@ -493,7 +513,8 @@ def print_table(r: dict) -> None:
         else:
             print(f"\nTRL GRPOTrainer (transformers generate): {t['step_s']:.3f} s per rollout batch "
                   f"({t['opt_steps_per_round']} optimizer steps; rounds {[round(x, 2) for x in t['round_s']]}); "
-                  f"ours/TRL (GRPO) = {r['ours_over_trl']:.2f}")
+                  f"ours/TRL (GRPO) = {r['ours_over_trl']:.2f}"
+                  + (f", async ours/TRL = {r['ours_async_over_trl']:.2f}" if "ours_async_over_trl" in r else ""))
 
 
 if __name__ == "__main__":

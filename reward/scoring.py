@@ -29,15 +29,22 @@ def as_messages(completion) -> list[dict]:
 
 def encode(tokenizer, prompt, completion) -> list[int]:
     """Token ids of prompt + completion as the RM sees them (same rule as TRL's RewardTrainer)."""
-    if isinstance(prompt, str) and isinstance(completion, str):
-        text = prompt + completion
-        if tokenizer.eos_token and not text.endswith(tokenizer.eos_token):
-            text += tokenizer.eos_token
-        return list(tokenizer(text=text)["input_ids"])
-    if isinstance(prompt, str):
+    return encode_many(tokenizer, [prompt], [completion])[0]
+
+
+def encode_many(tokenizer, prompts: list, completions: list) -> list[list[int]]:
+    """`encode` for many pairs: chat templates rendered, then tokenised in one batch (about 3x faster)."""
+    if not prompts:
+        return []
+    if all(isinstance(p, str) and isinstance(c, str) for p, c in zip(prompts, completions)):
+        texts = [p + c for p, c in zip(prompts, completions)]
+        if tokenizer.eos_token:
+            texts = [t if t.endswith(tokenizer.eos_token) else t + tokenizer.eos_token for t in texts]
+        return [list(ids) for ids in tokenizer(text=texts)["input_ids"]]
+    if any(isinstance(p, str) for p in prompts):
         raise ValueError("a text prompt needs a text completion (got chat messages)")
-    messages = list(prompt) + as_messages(completion)
-    return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    conversations = [list(p) + as_messages(c) for p, c in zip(prompts, completions)]
+    return [list(ids) for ids in tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)["input_ids"]]
 
 
 def read_stats(path: str | Path) -> dict | None:
@@ -76,16 +83,18 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Rewards [B] of already encoded sequences (right-padded in batches)."""
+        """Rewards [B] of already encoded sequences, in batches of similar lengths (little padding)."""
         pad = self.tokenizer.pad_token_id
-        out = []
-        for start in range(0, len(sequences), self.batch_size):
-            batch = [s[: self.max_length] if self.max_length else s for s in sequences[start : start + self.batch_size]]
-            width = max(len(s) for s in batch)
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch], device=self.device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=self.device)
-            out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu())
-        rewards = torch.cat(out) if out else torch.zeros(0)
+        sequences = [s[: self.max_length] if self.max_length else s for s in sequences]
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        rewards = torch.zeros(len(sequences))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            batch = [torch.tensor(sequences[i], dtype=torch.long) for i in rows]
+            ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=pad).to(self.device)
+            lengths = torch.tensor([len(b) for b in batch])
+            mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long().to(self.device)
+            rewards[rows] = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
         if self.normalize:
             rewards = (rewards - self.stats["mean"]) / max(self.stats["std"], 1e-8)
         return rewards
@@ -94,4 +103,4 @@ class RewardModelScorer:
         """Rewards [B] for B (prompt, completion) pairs; prompts/completions are text or chat messages."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        return self.score_ids([encode(self.tokenizer, p, c) for p, c in zip(prompts, completions)])
+        return self.score_ids(encode_many(self.tokenizer, prompts, completions))

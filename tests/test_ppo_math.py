@@ -18,7 +18,6 @@ from alignment.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     discounted_returns,
-    entropy_from_logits,
     explained_variance,
     gae,
     grpo_scores,
@@ -31,6 +30,7 @@ from alignment.ppo import (
     penalize_truncated,
     rloo_scores,
     token_level_rewards,
+    token_logprobs,
     truncated_is_weights,
     validate_advantage_estimator,
 )
@@ -459,11 +459,16 @@ def test_clipped_value_loss_by_hand():
     close(unclipped.detach(), [[0.5, 1.62, 4.5, 0.0]])
 
 
-def test_entropy_from_logits():
+def test_token_logprobs_and_entropy_from_one_log_softmax():
     logits = torch.log(t64([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]])) + 7.0  # shift must not matter
+    logp, entropy = token_logprobs(logits, torch.tensor([[0, 2]]), with_entropy=True)
+    close(logp, [[math.log(0.5), math.log(1 / 3)]])
     # H = 0.5 ln 2 + 2 * 0.25 ln 4 = 1.5 ln 2;  uniform over 3: ln 3
-    close(entropy_from_logits(logits), [[1.5 * math.log(2), math.log(3)]])
-    assert entropy_from_logits(logits.to(torch.bfloat16)).dtype == torch.float32
+    close(entropy, [[1.5 * math.log(2), math.log(3)]])
+    # temperature 2 halves the logits: [0.5, 0.25, 0.25] -> proportional to sqrt -> [0.4142, 0.2929, 0.2929]
+    close(token_logprobs(logits, torch.tensor([[0, 2]]), temperature=2.0)[0], [[math.log(2**0.5 / (2**0.5 + 2)), math.log(1 / 3)]])
+    low = token_logprobs(logits.to(torch.bfloat16), torch.tensor([[0, 2]]), with_entropy=True)
+    assert low[0].dtype == low[1].dtype == torch.float32
 
 
 def test_explained_variance_by_hand():
@@ -473,3 +478,19 @@ def test_explained_variance_by_hand():
     assert explained_variance(returns, returns, mask) == pytest.approx(1.0, abs=1e-6)
     assert explained_variance(torch.full_like(returns, 9.0), returns, mask) == pytest.approx(0.0, abs=1e-6)
     assert math.isnan(explained_variance(returns, torch.ones_like(returns), mask))
+
+
+def test_model_inputs_left_pad_prompts_right_pad_completions():
+    from alignment.ppo.batch import RolloutBatch
+    from rollout import Sample
+
+    samples = [Sample(prompt_index=0, prompt_ids=[5, 6, 7], completion_ids=[8], text="", logprobs=[-0.1], finish_reason="stop", weight_version=3),
+               Sample(prompt_index=1, prompt_ids=[9], completion_ids=[10, 11, 12], text="", logprobs=[-1.0, -2.0, -3.0],
+                      finish_reason="length", weight_version=3)]
+    batch = RolloutBatch.from_samples(samples, [4, 7])
+    assert batch.mask.tolist() == [[1, 0, 0], [1, 1, 1]] and batch.sampler_logp[1].tolist() == [-1.0, -2.0, -3.0]
+    inputs = batch.model_inputs(torch.tensor([1, 0]), pad_id=0, device=torch.device("cpu"))
+    assert (inputs.completion_start, inputs.completion_len) == (3, 3)
+    assert inputs.input_ids.tolist() == [[0, 0, 9, 10, 11, 12], [5, 6, 7, 8, 0, 0]]
+    assert inputs.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    assert inputs.position_ids.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 3, 3]]

@@ -122,3 +122,13 @@ def test_rm_zero3_two_processes(tiny_paths, tiny_sft, tmp_path):
     _check_probe(out, out / "final")
     assert summary["eval"]["num_pairs"] == 128
     assert summary["trainer_eval"]["loss"] == pytest.approx(summary["eval"]["loss"], abs=1e-5)
+
+
+def test_rm_runs_are_reproducible(tiny_paths, tiny_sft, tmp_path):
+    """The same recipe twice gives the same weights (the new score head is seeded before the model is built)."""
+    weights = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        run_stage("rm", RECIPE, _no_gold(tiny_rm_overrides(tiny_paths, tiny_sft.final, out)) + ["train.max_steps=3"])
+        weights.append((out / "final" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]

@@ -42,6 +42,9 @@ class RolloutSection:
     max_model_len: int = option(512, help="vLLM context length", min=16)
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="vLLM weights dtype; match the trainer for exact logprobs")
     sampling: SamplingSection = option(SamplingSection(samples_per_prompt=4), help="sampling parameters")
+    async_generation: bool = option(
+        False, help="generate the next step's rollouts while this step scores and trains: samples are one policy "
+        "update old (algorithm.tis_cap corrects for it); a step then takes about max(generate, score + train)")
 
 
 @recipe
@@ -118,6 +121,9 @@ class PPORecipe:
             errors.append("rollout.servers: give server URLs or rollout.launch_servers when rollout.engine is 'remote'")
         if self.algorithm.kl.target is not None and self.algorithm.kl.target <= 0:
             errors.append(f"algorithm.kl.target: must be > 0 for the adaptive controller, got {self.algorithm.kl.target}")
+        if self.rollout.async_generation and self.algorithm.tis_cap is None:
+            errors.append("algorithm.tis_cap: required when rollout.async_generation is true (it corrects for "
+                          "rollouts sampled by the previous policy)")
         if not self.rewards:
             errors.append("rewards: give at least one reward term")
         return errors

@@ -12,12 +12,11 @@ from alignment.ppo.advantages import (
     validate_advantage_estimator,
 )
 from alignment.ppo.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_k1, kl_k2, kl_k3
-from alignment.ppo.logprobs import completion_logprobs
+from alignment.ppo.logprobs import completion_logprobs, token_logprobs
 from alignment.ppo.losses import (
     PolicyLossOutput,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     explained_variance,
     truncated_is_weights,
 )
@@ -54,8 +53,8 @@ __all__ = [
     "clipped_policy_loss",
     "clipped_value_loss",
     "completion_logprobs",
+    "token_logprobs",
     "discounted_returns",
-    "entropy_from_logits",
     "explained_variance",
     "gae",
     "grpo_scores",

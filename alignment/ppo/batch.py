@@ -78,15 +78,20 @@ class RolloutBatch:
 
     def model_inputs(self, indices: torch.Tensor, pad_id: int, device: torch.device) -> ModelInputs:
         rows = indices.tolist()
-        P = max(len(self.prompt_ids[i]) for i in rows)
-        T = max(1, max(len(self.completion_ids[i]) for i in rows))
+        prompts, completions = [self.prompt_ids[i] for i in rows], [self.completion_ids[i] for i in rows]
+        prompt_len = torch.tensor([len(p) for p in prompts])
+        seq_len = prompt_len + torch.tensor([len(c) for c in completions])
+        P = int(prompt_len.max())
+        T = max(1, int((seq_len - prompt_len).max()))
+        # One scatter instead of a tensor per row: token k of row r goes to column (P - prompt_len[r]) + k.
+        tokens = torch.tensor([t for p, c in zip(prompts, completions) for t in (*p, *c)], dtype=torch.long)
+        row = torch.repeat_interleave(torch.arange(len(rows)), seq_len)
+        first = torch.cumsum(seq_len, 0) - seq_len  # index in `tokens` of each row's first token
+        col = torch.repeat_interleave(P - prompt_len - first, seq_len) + torch.arange(len(tokens))
         input_ids = torch.full((len(rows), P + T), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), P + T), dtype=torch.long)
-        for r, i in enumerate(rows):
-            p, c = self.prompt_ids[i], self.completion_ids[i]
-            input_ids[r, P - len(p) : P] = torch.tensor(p)
-            input_ids[r, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
-            attention_mask[r, P - len(p) : P + len(c)] = 1
+        input_ids[row, col] = tokens
+        attention_mask[row, col] = 1
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return ModelInputs(
             input_ids.to(device), attention_mask.to(device), position_ids.to(device), P, T, indices

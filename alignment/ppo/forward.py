@@ -5,23 +5,20 @@ from __future__ import annotations
 import torch
 
 from alignment.ppo.batch import ModelInputs
-from alignment.ppo.logprobs import completion_logprobs
-from alignment.ppo.losses import entropy_from_logits
+from alignment.ppo.logprobs import token_logprobs
 
 
 def policy_forward(
     model: torch.nn.Module, inputs: ModelInputs, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (logp [b, T_mb], entropy [b, T_mb] or None) of the completion tokens under softmax(logits / T)."""
+    # Logits only at the positions that predict completion tokens (P-1 .. L-2): the LM head over prompt positions
+    # would be wasted work, a large share of it with 100k+ token vocabularies and long prompts.
     logits = model(
-        input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, use_cache=False
-    ).logits
-    logp = completion_logprobs(logits, inputs.input_ids, inputs.completion_start, temperature)
-    entropy = None
-    if with_entropy:
-        P = inputs.completion_start
-        entropy = entropy_from_logits(logits[:, P - 1 : -1, :].float() / temperature)
-    return logp, entropy
+        input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, use_cache=False,
+        logits_to_keep=inputs.completion_len + 1,
+    ).logits[:, :-1]
+    return token_logprobs(logits, inputs.input_ids[:, inputs.completion_start :], temperature, with_entropy)
 
 
 class TokenValueModel(torch.nn.Module):

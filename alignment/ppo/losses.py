@@ -117,16 +117,6 @@ def clipped_value_loss(
     return v_loss * mask, clip_fraction
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H(p) = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v,   p = softmax(z).
-
-    logits: [B, T, V] -> [B, T]. Computed in float32 or wider.
-    """
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-
-
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """1 - Var[R - V] / Var[R] over real tokens: 1 is a perfect critic, 0 no better than a constant,
     negative worse than one. NaN when the returns have no variance (CleanRL's convention).

@@ -15,7 +15,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ from alignment.ppo import (
 )
 from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
+from alignment.stages.rollout_schedule import RolloutSchedule
 from alignment.training import (
     ZeroSettings,
     all_reduce_mean,
@@ -105,6 +106,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
     tokenizer = load_tokenizer(recipe.policy)
     prompts = load_stage_data(recipe.prompts, "prompt", tokenizer).train
     prompt_ids = [render_prompt(tokenizer, p) for p in prompts["prompt"]]
+    # Plain lists, read once: indexing a `datasets.Dataset` row by row decodes a row per access, every step.
+    prompt_columns = prompts.to_dict()
     label_columns = [c for c in prompts.column_names if c != "prompt"]
 
     # ---- models: policy and critic train under DeepSpeed; reference and reward models only score
@@ -141,22 +144,30 @@ def run(recipe: PPORecipe, engine=None) -> None:
         truncate_metrics(out / "metrics.jsonl", state.step)
         print(f"ppo: {len(prompts)} prompts, {world} process(es), ZeRO stage {zero.stage}, advantage {algo.advantage}"
               + (f", resumed at step {state.step} from {latest}" if latest else ""), flush=True)
+        if recipe.rollout.async_generation and algo.kl.placement == "reward" and algo.kl.coef > 0:
+            print("warning: with rollout.async_generation the KL leash in the reward acts one step late (advantages come "
+                  "from the previous policy's samples); algorithm.kl.placement: loss is steadier (recipes/tiny/ppo_async.yaml)",
+                  flush=True)
     logger = MetricsLogger(out, console_every=recipe.output.logging_steps, console_keys=CONSOLE_KEYS,
                            console_namespace="ppo/")
     progress = tqdm(total=train.steps, initial=state.step, desc="ppo", disable=rank != 0)
     last_metrics: dict[str, float] = {}
+    rollouts = RolloutSchedule(engine, prompt_ids, sampling_cfg, ahead=recipe.rollout.async_generation) if rank == 0 else None
 
     while state.step < train.steps:
         step = state.step
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
 
-        # ---- 1. rollouts: rank 0 generates for all ranks, each rank keeps its own prompts' samples
+        # ---- 1. rollouts: rank 0 generates for all ranks, each rank keeps its own prompts' samples.
+        # Async mode: rank 0 then starts the next step's generation, which runs while this step scores and trains.
         rows = _next_prompt_rows(state, len(prompts), train.prompts_per_step, train.seed)
-        samples = None
+        samples, generate_seconds = None, 0.0
         if rank == 0:
-            # A seed per step (prompt i of the step uses seed + i): a resumed run samples what the original would have.
-            samples = engine.generate([prompt_ids[r] for r in rows], sampling_cfg.to_config(seed_offset=step * 100_003))
+            step_rollouts = rollouts.get(step, rows)
+            samples, generate_seconds = step_rollouts.samples, step_rollouts.generate_seconds
+            if step + 1 < train.steps:  # peek at the next rows; `state` moves on when that step takes them
+                rollouts.prefetch(step + 1, _next_prompt_rows(replace(state), len(prompts), train.prompts_per_step, train.seed))
         samples = _broadcast(samples)
         per_rank = train.prompts_per_step // world
         local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
@@ -167,8 +178,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
         # ---- 2. scoring: rewards, log-probs before the update, reference log-probs, values
         t1 = time.perf_counter()
         texts = [s.text for s in samples[local]]
-        columns = {c: [prompts[r][c] for r in local_rows] for c in label_columns}
-        raw, parts = reward([prompts[r]["prompt"] for r in local_rows], texts, columns)
+        columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
+        local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
+        raw, parts = reward(local_prompts, texts, columns)
         scores = raw.clone()
         if running_reward is not None:
             running_reward.update(_all_gather(raw))  # the same statistics on every rank
@@ -204,7 +216,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
             state.bad_steps = 0
         timings["train"] = time.perf_counter() - t2
 
-        # ---- 5. weight sync: every rank takes part in the ZeRO-3 gather, rank 0 sends
+        # ---- 5. weight sync: every rank takes part in the ZeRO-3 gather, rank 0 sends (after a prefetch ends)
+        if rank == 0:
+            timings["generate_wait"] = rollouts.wait()
         t3 = time.perf_counter()
         sync_stats = sync_weights(engine, policy, version=step + 1)
         timings["sync"] = time.perf_counter() - t3
@@ -221,16 +235,19 @@ def run(recipe: PPORecipe, engine=None) -> None:
             "ppo/response_length": float(mask.sum(1).mean()),
             "ppo/truncation_rate": sum(r == "length" for r in batch.finish_reasons) / len(batch),
             "ppo/logprob_mismatch": token_mult_prob_error(batch.sampler_logp, batch.old_logp, mask),
+            "rollout/staleness": float(step - batch.weight_version),
             **train_stats,
         }
         if gold is not None:
-            metrics["ppo/gold"] = float(np.mean(gold(prompts=[prompts[r]["prompt"] for r in local_rows], completions=texts, **columns)))
+            metrics["ppo/gold"] = float(np.mean(gold(prompts=local_prompts, completions=texts, **columns)))
         if critic is not None:
             metrics["ppo/explained_variance"] = explained_variance(batch.values, batch.returns, mask)
         metrics = all_reduce_mean(metrics)
         kl_ctl.update(metrics["ppo/kl"], train.prompts_per_step * group)
         timings["step"] = time.perf_counter() - t0
         metrics.update({f"time/{k}": v for k, v in timings.items()})
+        if rank == 0:
+            metrics["rollout/generate_seconds"] = generate_seconds
         tokens = all_reduce_sum(float(mask.sum()))
         metrics["perf/tokens_per_s"] = tokens / timings["step"]
         if sync_stats is not None:
@@ -247,6 +264,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
                              recipe.output.save_total_limit)
 
     progress.close()
+    if rollouts is not None:
+        rollouts.close()
     _export_final(policy, tokenizer, out, rank, {"steps": train.steps, "final_metrics": last_metrics})
     logger.close()
     if rank == 0 and owns_engine:

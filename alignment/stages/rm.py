@@ -21,7 +21,7 @@ from alignment.stages import common
 
 
 def run(recipe: RMRecipe) -> dict:
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
     from alignment.data import load_stage_data
@@ -52,6 +52,9 @@ def run(recipe: RMRecipe) -> dict:
         RewardConfig, recipe.train, recipe.output, layout, recipe.model, configured_state, evald is not None,
         center_rewards_coefficient=recipe.rm.center_rewards_coefficient,
     )
+    # Seeded before the model exists: the Trainer seeds only later, so a new score head (or LoRA weights)
+    # would otherwise start from whatever the process's RNG held, and runs would differ.
+    set_seed(recipe.train.seed)
     model = models.load_model(recipe.model, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     trainer = RewardTrainer(

@@ -20,7 +20,7 @@ from alignment.stages import common
 
 
 def run(recipe: SFTRecipe) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from alignment.data import load_stage_data
@@ -56,6 +56,9 @@ def run(recipe: SFTRecipe) -> dict:
         packing=recipe.sft.packing,
         **loss_flags,
     )
+    # Seeded before the model exists: the Trainer seeds only later, so a new score head (or LoRA weights)
+    # would otherwise start from whatever the process's RNG held, and runs would differ.
+    set_seed(recipe.train.seed)
     model = models.load_model(recipe.model, AutoModelForCausalLM)
     callbacks = common.stage_callbacks(layout, recipe.output, recipe.train, logger)
     trainer = SFTTrainer(
