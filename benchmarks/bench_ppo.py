@@ -24,10 +24,11 @@ One invocation, for the tiny default (`--model tiny`) or a ~100M-parameter rando
    step, minibatches, epochs as `num_iterations`) and KL coefficient (`beta`), in a subprocess; seconds per
    rollout batch (= per our PPO step) from its optimizer-step times.
 
-Models: `tiny` is the tiny default's untrained policy with a random sequence-classification model of the
-same shape as reward model and critic (weights do not matter for timing; the real recipes use the tiny SFT
-and RM checkpoints of the same shapes). `100m` is a random Llama (hidden 1024, 8 layers, 16 heads of 64,
-the tiny tokenizer, float32) with the rule reward, 8 prompts x 4 samples x 32 tokens per step.
+Models: `tiny` is the tiny default's untrained policy; GRPO modes use the rule reward (as the TRL peer does), GAE
+modes a random sequence-classification model of the same shape as reward model and critic (weights do not matter
+for timing; the real recipes use the tiny SFT and RM checkpoints of the same shapes). `100m` is a random Llama
+(hidden 1024, 8 layers, 16 heads of 64, the tiny tokenizer, float32) with the rule reward, 8 prompts x 4 samples
+x 32 tokens per step.
 
     export OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1
     python benchmarks/bench_ppo.py --model tiny --steps 6 --out tiny.json
@@ -114,22 +115,21 @@ def build_recipes(model: str, tiny, policy: Path, rm: Path | None, work: Path, s
 
     common = [f"policy.name_or_path={policy}", f"prompts.sources.0.path={tiny.prompts}", "eval=null",
               f"train.steps={steps}", f"output.save_steps={steps}", "output.logging_steps=1"]
+    rule_reward = "rewards=[{kind: function, function: 'alignment.tiny.task:gold_reward'}]"  # TRL's reward too
     if model == "100m":
-        common += ["rewards=[{kind: function, function: 'alignment.tiny.task:gold_reward'}]",
-                   "train.prompts_per_step=8", "rollout.sampling.max_new_tokens=32", "algorithm.micro_batch_size=16",
+        common += [rule_reward, "train.prompts_per_step=8", "rollout.sampling.max_new_tokens=32", "algorithm.micro_batch_size=16",
                    "train.learning_rate=1e-6", "train.critic_learning_rate=1e-6"]
-    else:
-        common += [f"rewards.0.path={rm}"]
     recipes = {}
     for mode in modes:
-        algorithm, _, schedule = mode.partition("_")  # grpo, gae, grpo_async, gae_async
-        out = [f"output.dir={work / ('run_' + mode)}", f"rollout.async_generation={schedule == 'async'}"]
-        if algorithm == "grpo":
+        out = [f"output.dir={work / ('run_' + mode)}", f"rollout.async_generation={mode.endswith('_async')}"]
+        if model == "tiny":  # GRPO: the rule, as the TRL peer gets; GAE: the RM, which also initialises the critic
+            out.append(rule_reward if mode.startswith("grpo") else f"rewards.0.path={rm}")
+        if mode.startswith("grpo"):
             recipes[mode] = load_recipe(REPO / "recipes/tiny/ppo_grpo.yaml", PPORecipe, [*common, *out])
         else:  # GAE; the critic starts from the RM (tiny) or from the policy with a fresh head (100m)
             critic = rm if model == "tiny" else policy
             # steady state from step 1: no critic-only warm-up steps (those skip the actor update)
-            recipes[mode] = load_recipe(REPO / "recipes/tiny/ppo.yaml", PPORecipe,
+            recipes[mode] = load_recipe(REPO / "recipes/tiny" / ("ppo_async.yaml" if mode == "gae_async" else "ppo.yaml"), PPORecipe,
                                         [*common, *out, f"value.name_or_path={critic}", "algorithm.critic_warmup_steps=0"])
     return recipes
 
