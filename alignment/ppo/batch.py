@@ -80,9 +80,10 @@ class RolloutBatch:
         rows = indices.tolist()
         prompts, completions = [self.prompt_ids[i] for i in rows], [self.completion_ids[i] for i in rows]
         prompt_len = torch.tensor([len(p) for p in prompts])
-        seq_len = prompt_len + torch.tensor([len(c) for c in completions])
+        completion_len = torch.tensor([len(c) for c in completions])
+        seq_len = prompt_len + completion_len
         P = int(prompt_len.max())
-        T = max(1, int((seq_len - prompt_len).max()))
+        T = max(1, int(completion_len.max()))
         # One scatter instead of a tensor per row: token k of row r goes to column (P - prompt_len[r]) + k.
         tokens = torch.tensor([t for p, c in zip(prompts, completions) for t in (*p, *c)], dtype=torch.long)
         row = torch.repeat_interleave(torch.arange(len(rows)), seq_len)
