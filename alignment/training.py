@@ -101,8 +101,8 @@ def make_train_engine(
 ):
     """Wrap `model` in a DeepSpeed training engine with AdamW and linear warmup.
 
-    grad_accum_steps is the number of micro-batches per optimizer step; the loop calls
-    `engine.backward(loss, scale_wrt_gas=False)` with losses already reduced over the whole window.
+    grad_accum_steps is the number of micro-batches per optimizer step (DeepSpeed's batch-size bookkeeping); the
+    loop drives each step through an `AccumulationWindow`, with losses already reduced over the whole window.
     """
     world = dist.get_world_size()
     config = {
@@ -114,6 +114,9 @@ def make_train_engine(
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # The loop owns the accumulation boundary (`AccumulationWindow`): backward per usable micro-batch, then one
+        # step() that reduces and updates, or none when every micro-batch of the window was skipped.
+        "managed_gradient_accumulation": False,
     }
     if torch.cuda.is_available():
         config["bf16"] = {"enabled": next(model.parameters()).dtype == torch.bfloat16}
@@ -164,6 +167,16 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t)}
 
 
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of `t` over every rank, returned on t's device. The collective runs on the process group's
+    device (NCCL takes only CUDA tensors); nothing is sent in a world of one."""
+    if dist.get_world_size() == 1:
+        return t
+    on_group = t.detach().to(device(), copy=True)
+    dist.all_reduce(on_group)
+    return on_group.to(t.device)
+
+
 def all_reduce_sum(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64)
     if dist.get_world_size() > 1:
@@ -178,3 +191,33 @@ def any_rank(flag: bool) -> bool:
 
 def finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class AccumulationWindow:
+    """The micro-batches of one optimizer step of a DeepSpeed engine built by `make_train_engine`.
+
+    A micro-batch whose loss is NaN/inf on any rank contributes no gradient on any rank (ranks stay in step). A
+    window whose every micro-batch was skipped takes no optimizer step at all: stepping on no gradient would still
+    move the weights through Adam's moments and weight decay, and advance the learning-rate schedule.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.used = 0  # micro-batches whose gradient went in
+        self.skipped = 0  # micro-batches left out for a non-finite loss
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Accumulate `loss`'s gradient unless it is non-finite on some rank; returns whether it went in."""
+        if any_rank(not finite(loss)):
+            self.skipped += 1
+            return False
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.used += 1
+        return True
+
+    def step(self) -> bool:
+        """End the window: reduce and update if any gradient went in; returns whether the optimizer stepped."""
+        if self.used == 0:
+            return False
+        self.engine.step()
+        return True

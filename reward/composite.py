@@ -18,18 +18,29 @@ class RewardTerm:
     name: str
     fn: RewardFn
     weight: float
+    scorer: object | None = None  # kind=model: the RewardModelScorer behind fn
 
 
 class CompositeReward:
-    """`scores(prompts, completions, columns)` -> (total [B], per-term raw scores {name: [B]})."""
+    """`scores(prompts, completions, columns)` -> (total [B], per-term raw scores {name: [B]}).
+
+    After each call `trimmed` holds, per reward-model term, how many sequences had their prompt trimmed to fit the
+    model's max_length."""
 
     def __init__(self, terms: list[RewardTerm]):
         self.terms = terms
+        self.trimmed: dict[str, int] = {}
+
+    @property
+    def scorers(self) -> dict[str, object]:
+        """The reward-model scorers of the model terms, by term name."""
+        return {t.name: t.scorer for t in self.terms if t.scorer is not None}
 
     @classmethod
     def from_recipe(cls, sources, device: torch.device) -> CompositeReward:
         terms = []
         for i, src in enumerate(sources):
+            scorer = None
             if src.kind == "model":
                 from reward.scoring import RewardModelScorer
 
@@ -39,10 +50,11 @@ class CompositeReward:
                 fn = load_reward_function(src.function)
             else:
                 fn = RemoteReward(src.url, timeout_s=src.timeout_s, retries=src.retries)
-            terms.append(RewardTerm(f"{i}_{src.kind}", fn, src.weight))
+            terms.append(RewardTerm(f"{i}_{src.kind}", fn, src.weight, scorer))
         return cls(terms)
 
     def __call__(self, prompts: list, completions: list[str], columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {t.name: torch.tensor(t.fn(prompts=prompts, completions=completions, **columns), dtype=torch.float32) for t in self.terms}
         total = sum(t.weight * parts[t.name] for t in self.terms)
+        self.trimmed = {name: scorer.last_trimmed for name, scorer in self.scorers.items()}
         return total, parts

@@ -5,6 +5,11 @@ through the tokenizer's chat template (prompt messages + one assistant message),
 prompt + completion + EOS. The reward is the score head's output at the last non-pad token.
 With `normalize=True` scores are standardised with the `reward_stats.json` the RM stage saved next
 to the weights (mean/std of rewards over its training set).
+
+A sequence longer than the RM's `max_length` (what it was trained on) is never cut at the end, which would
+score a prefix of the answer: its prompt is trimmed from the left (a leading BOS kept) so the whole answer
+fits, and `last_trimmed` counts how many were. An answer that cannot fit with at least one prompt token is
+an error naming both lengths.
 """
 
 from __future__ import annotations
@@ -47,6 +52,39 @@ def encode_many(tokenizer, prompts: list, completions: list) -> list[list[int]]:
     return [list(ids) for ids in tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)["input_ids"]]
 
 
+def answer_starts(tokenizer, prompts: list, sequences: list[list[int]]) -> list[int]:
+    """Index in each encoded sequence of the first token that belongs to the answer (or the template after it).
+
+    The prompt is rendered alone (chat: with the assistant turn's header, `add_generation_prompt`) and the
+    answer starts where that rendering stops matching the full sequence, so tokens that merge across the
+    boundary count as answer: the split errs towards keeping more.
+    """
+    if all(isinstance(p, str) for p in prompts):
+        alone = tokenizer(text=list(prompts))["input_ids"]
+    else:
+        alone = tokenizer.apply_chat_template([list(p) for p in prompts], tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"]
+    starts = []
+    for full, prefix in zip(sequences, alone):
+        n = 0
+        while n < min(len(full), len(prefix)) and full[n] == prefix[n]:
+            n += 1
+        starts.append(n)
+    return starts
+
+
+def fit_to_length(ids: list[int], answer_start: int, max_length: int, bos_id: int | None) -> list[int] | None:
+    """`ids` if it fits; else the whole answer after the last prompt tokens that fit (a leading BOS kept);
+    None when not even one prompt token fits beside the answer."""
+    if len(ids) <= max_length:
+        return ids
+    head = ids[:1] if bos_id is not None and answer_start > 0 and ids[0] == bos_id else []
+    prompt_room = max_length - len(head) - (len(ids) - answer_start)
+    if prompt_room < 1 or answer_start - len(head) < 1:
+        return None
+    return head + ids[max(len(head), answer_start - prompt_room):]
+
+
 def read_stats(path: str | Path) -> dict | None:
     f = Path(path) / STATS_FILE
     return json.loads(f.read_text()) if f.is_file() else None
@@ -76,16 +114,21 @@ class RewardModelScorer:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(self.device).eval()
         self.stats = read_stats(path)
-        self.max_length = max_length or (self.stats or {}).get("max_length")
+        # What the RM was trained on, else what its positions allow.
+        self.max_length = int(max_length or (self.stats or {}).get("max_length") or self.model.config.max_position_embeddings)
+        self.last_trimmed = 0  # sequences of the last `score` call whose prompt was trimmed to fit max_length
         self.normalize = normalize
         if normalize and self.stats is None:
             raise UserError(f"normalize=True but '{path}' has no {STATS_FILE} (written by `alignment rm`)")
 
     @torch.no_grad()
     def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Rewards [B] of already encoded sequences, in batches of similar lengths (little padding)."""
+        """Rewards [B] of already encoded sequences of at most max_length tokens, in batches of similar lengths."""
+        too_long = [len(s) for s in sequences if len(s) > self.max_length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} sequence(s) longer than the reward model's max_length {self.max_length} "
+                             f"(up to {max(too_long)} tokens); score() fits them by trimming their prompts")
         pad = self.tokenizer.pad_token_id
-        sequences = [s[: self.max_length] if self.max_length else s for s in sequences]
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         rewards = torch.zeros(len(sequences))
         for start in range(0, len(order), self.batch_size):
@@ -100,7 +143,31 @@ class RewardModelScorer:
         return rewards
 
     def score(self, prompts: list, completions: list) -> torch.Tensor:
-        """Rewards [B] for B (prompt, completion) pairs; prompts/completions are text or chat messages."""
+        """Rewards [B] for B (prompt, completion) pairs; prompts/completions are text or chat messages.
+
+        Over-long sequences have their prompt trimmed from the left (counted in `last_trimmed`); an answer too long
+        to fit is a UserError."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        return self.score_ids(encode_many(self.tokenizer, prompts, completions))
+        sequences = encode_many(self.tokenizer, prompts, completions)
+        long_rows = [i for i, ids in enumerate(sequences) if len(ids) > self.max_length]
+        if long_rows:
+            starts = answer_starts(self.tokenizer, [prompts[i] for i in long_rows], [sequences[i] for i in long_rows])
+            for i, start in zip(long_rows, starts):
+                fitted = fit_to_length(sequences[i], start, self.max_length, self.tokenizer.bos_token_id)
+                if fitted is None:
+                    raise UserError(
+                        f"reward model '{self.path}': an answer of {len(sequences[i]) - start} tokens (with the template's "
+                        f"closing tokens) does not fit its max_length of {self.max_length} beside any prompt; lower "
+                        f"rollout.sampling.max_new_tokens or train the reward model with a larger train.max_length")
+                sequences[i] = fitted
+        self.last_trimmed = len(long_rows)
+        return self.score_ids(sequences)
+
+    def answer_room(self) -> int:
+        """The most answer tokens that fit beside a one-token prompt: max_length less the template's own tokens around
+        a minimal exchange (the larger of its plain-text and chat renderings)."""
+        renderings = [encode_many(self.tokenizer, ["?"], [""])[0]]
+        if getattr(self.tokenizer, "chat_template", None):
+            renderings.append(encode_many(self.tokenizer, [[{"role": "user", "content": "?"}]], [""])[0])
+        return self.max_length - max(len(r) for r in renderings)

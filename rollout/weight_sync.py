@@ -92,18 +92,36 @@ def named_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
 
 
 def _merged_lora_tensors(model: torch.nn.Module, cast) -> Iterator[tuple[str, torch.Tensor]]:
-    """Merge the LoRA deltas into the base weights, yield copies under the plain HF names, then unmerge.
+    """Yield the base weights with the active LoRA deltas merged in, under the plain HF names.
 
-    Copies, because the parameters change back when the adapters are unmerged. (ZeRO-3 + LoRA is
-    rejected by the PPO stage: merging needs whole weights on every rank.)
+    Merged tensors are built out of place, W + sum_a delta_a in float32 and rounded once to W's dtype; the model's
+    own weights are never touched. (peft's merge_adapter / unmerge_adapter work in place, W += d then W -= d, which
+    in bf16 rounds twice per sync and drifts the frozen base weights a little further at every sync.)
+    ZeRO-3 + LoRA is rejected by the PPO stage: merging needs whole weights on every rank.
     """
-    model.merge_adapter()
-    try:
-        for name, p in model.get_base_model().named_parameters():
-            if "lora_" not in name:
-                yield name.replace(".base_layer", ""), cast(p.detach()).clone()
-    finally:
-        model.unmerge_adapter()
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    merged: dict[int, torch.Tensor] = {}  # id(base parameter) -> its merged value
+    for mod_name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        adapters = [a for a in module.active_adapters if a in module.lora_A]
+        if any(a in module.lora_variant for a in adapters):
+            raise ValueError(f"{mod_name}: LoRA variants (e.g. DoRA) cannot be merged for weight sync; use plain LoRA")
+        layer = module.get_base_layer()
+        weight = layer.weight.detach()
+        merged[id(layer.weight)] = (
+            weight.float() + sum(module.get_delta_weight(a).float() for a in adapters)
+        ).to(weight.dtype)
+        if any(module.lora_bias.get(a, False) for a in adapters):
+            bias = layer.bias.detach()
+            merged[id(layer.bias)] = (
+                bias.float() + sum(module.lora_B[a].bias.float() * module.scaling[a] for a in adapters if module.lora_bias[a])
+            ).to(bias.dtype)
+    for name, p in base.named_parameters():
+        if "lora_" not in name:
+            yield name.replace(".base_layer", ""), cast(merged.get(id(p), p.detach()))
 
 
 def sync_weights(engine, model: torch.nn.Module, version: int, dtype: torch.dtype | None = None) -> SyncStats | None:

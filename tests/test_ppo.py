@@ -109,6 +109,65 @@ def test_other_estimators_run_and_move_the_policy(advantage, tiny_paths, tiny_sf
     assert metrics[-1]["ppo/kl"] > 0 and all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics)
 
 
+def test_importance_weights_compare_the_trainers_logprobs_with_the_samplers(tiny_paths, tiny_sft, tiny_rm, vllm_engine,
+                                                                          tmp_path, monkeypatch):
+    """TIS weights min(pi_old / pi_sampler, cap) get, in the stage, the trainer's log-probs before the update (from
+    scoring) as pi_old and vLLM's sampled log-probs as pi_sampler. Async mode makes the two differ by one update."""
+    import torch
+
+    import alignment.stages.ppo as stage
+
+    steps: list[dict] = []
+    from_samples, score_tokens, tis = stage.RolloutBatch.from_samples, stage._score_tokens, stage.truncated_is_weights
+
+    def spy_from_samples(samples, rows):
+        steps.append({"samples": samples})
+        return from_samples(samples, rows)
+
+    def spy_score_tokens(batch, *args, **kwargs):
+        score_tokens(batch, *args, **kwargs)
+        steps[-1]["trainer_logp"] = batch.old_logp.clone()
+
+    def spy_tis(old_logp, sampler_logp, cap):
+        steps[-1]["tis_inputs"] = (old_logp.clone(), sampler_logp.clone())
+        return tis(old_logp, sampler_logp, cap)
+
+    monkeypatch.setattr(stage.RolloutBatch, "from_samples", staticmethod(spy_from_samples))
+    monkeypatch.setattr(stage, "_score_tokens", spy_score_tokens)
+    monkeypatch.setattr(stage, "truncated_is_weights", spy_tis)
+    out = tmp_path / "tis"
+    stage.run(load_recipe(TINY_PPO.parent / "ppo_async.yaml", PPORecipe,
+                          [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out), "train.steps=3", "eval=null",
+                           "algorithm.critic_warmup_steps=0"]), engine=vllm_engine)
+    assert len(steps) == 3
+    for k, step in enumerate(steps):
+        old_logp, sampler_logp = step["tis_inputs"]
+        samples = step["samples"]
+        vllm_logp = torch.zeros_like(sampler_logp)
+        for i, s in enumerate(samples):
+            vllm_logp[i, : len(s.logprobs)] = torch.tensor(s.logprobs)
+        assert torch.equal(old_logp, step["trainer_logp"])
+        assert torch.equal(sampler_logp, vllm_logp)
+        if k > 0:  # sampled by the weights before the last update
+            assert (old_logp - sampler_logp).abs().max() > 0.01
+
+
+def test_truncated_sampling_is_refused_for_ppo():
+    for override, key in (("rollout.sampling.top_p=0.9", "top_p"), ("rollout.sampling.top_k=20", "top_k")):
+        with pytest.raises(RecipeError, match=rf"rollout.sampling.{key}: PPO rollouts need .* full softmax"):
+            load_recipe(TINY_PPO, PPORecipe, [override], check_paths=False)
+
+
+def test_answers_longer_than_the_reward_model_reads_are_refused_at_start(tiny_paths, tiny_sft, tiny_rm, tmp_path):
+    from alignment.stages.ppo import run
+
+    out = tmp_path / "too_long"
+    recipe = tiny_recipe(tiny_paths, tiny_sft, tiny_rm, out, "rollout.engine=hf", "rollout.sampling.max_new_tokens=60",
+                         "train.steps=1", "eval=null")
+    with pytest.raises(UserError, match=r"rewards.0: the reward model .* reads at most 64 tokens.*max_new_tokens=60"):
+        run(recipe)
+
+
 def _write_reward_file(path: Path) -> Path:
     path.write_text(
         "def count_great(prompts, completions, **columns):\n"

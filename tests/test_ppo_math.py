@@ -1,6 +1,7 @@
 """Hand-computed checks of the PPO math in alignment/ppo (tolerance 1e-6 unless said otherwise)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from alignment.ppo import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
+    KL_PLACEMENTS,
     AdaptiveKLController,
     AdvantageParams,
     FixedKLController,
@@ -24,6 +26,7 @@ from alignment.ppo import (
     kl_k1,
     kl_k2,
     kl_k3,
+    kl_loss_term,
     masked_mean,
     masked_whiten,
     normalize_scores,
@@ -33,9 +36,11 @@ from alignment.ppo import (
     token_logprobs,
     truncated_is_weights,
     validate_advantage_estimator,
+    validate_kl,
 )
 
 TOL = dict(rtol=0, atol=1e-6)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def t64(x) -> torch.Tensor:
@@ -153,6 +158,91 @@ def test_k3_nonnegative_and_k2_nonnegative():
     assert float(kl_k3(logp, logp).abs().max()) == 0.0
 
 
+def _leash_gradient(estimator: str, placement: str, logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """The exact expected gradient (w.r.t. the logits) that the PPO loss's KL leash puts on a one-token policy,
+    built the way the stage builds it: every vocabulary entry is one sampled sequence, weighed by its probability.
+
+    reward: the penalty k(old_logp, ref_logp) enters the reward (token_level_rewards), the advantage is the return,
+            and the clipped policy loss carries it; loss: kl_loss_term(logp, ref_logp) is added to the loss.
+    On-policy: old_logp = logp at the current logits."""
+    logits = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(logits, -1)[:, None]  # [V, 1]: entry x as a sequence of one token
+    old_logp, ref, mask = logp.detach(), ref_logp[:, None], torch.ones(len(logits), 1, dtype=logits.dtype)
+    kl_fn = KL_ESTIMATORS[estimator]
+    if placement == "reward":
+        rewards = token_level_rewards(torch.zeros(len(logits), dtype=logits.dtype), kl_fn(old_logp, ref), mask, kl_coef=1.0)
+        per_token = clipped_policy_loss(logp, old_logp, discounted_returns(rewards, mask, 1.0), mask).loss_per_token
+    else:
+        per_token = kl_loss_term(logp, ref, mask, kl_fn, coef=1.0)
+    (old_logp.exp() * per_token).sum().backward()  # expectation over x ~ pi
+    return logits.grad
+
+
+def _divergence_gradient(divergence: str, logits: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    logits = logits.clone().requires_grad_(True)
+    logp = torch.log_softmax(logits, -1)
+    if divergence == "KL(pi || ref)":
+        value = (logp.exp() * (logp - ref_logp)).sum()
+    else:
+        assert divergence == "KL(ref || pi)"
+        value = (ref_logp.exp() * (ref_logp - logp)).sum()
+    value.backward()
+    return logits.grad
+
+
+def _five_token_policy_and_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, generator=g, dtype=torch.float64)
+    ref_logp = torch.log_softmax(torch.randn(5, generator=g, dtype=torch.float64), -1)
+    return logits, ref_logp
+
+
+@pytest.mark.parametrize("pair", sorted(KL_PLACEMENTS), ids=lambda p: f"{p[0]}-in-{p[1]}")
+def test_allowed_kl_pairs_give_their_divergences_exact_gradient(pair):
+    logits, ref_logp = _five_token_policy_and_reference()
+    expected = _divergence_gradient(KL_PLACEMENTS[pair], logits, ref_logp)
+    assert expected.abs().max() > 0.05  # the policy is far enough from the reference for the check to bite
+    close(_leash_gradient(*pair, logits, ref_logp), expected, rtol=0, atol=1e-12)
+    assert validate_kl(*pair) == []
+
+
+@pytest.mark.parametrize("pair", [("k1", "loss"), ("k2", "reward"), ("k3", "reward")], ids=lambda p: f"{p[0]}-in-{p[1]}")
+def test_wrong_kl_pairs_are_refused_with_the_reason(pair):
+    logits, ref_logp = _five_token_policy_and_reference()
+    got = _leash_gradient(*pair, logits, ref_logp)
+    for divergence in ("KL(pi || ref)", "KL(ref || pi)"):  # follows neither direction's gradient
+        assert (got - _divergence_gradient(divergence, logits, ref_logp)).abs().max() > 0.05
+    if pair == ("k1", "loss"):
+        close(got, torch.zeros(5), rtol=0, atol=1e-12)  # the leash vanishes
+    [error] = validate_kl(*pair)
+    assert f"estimator {pair[0]} with placement {pair[1]}" in error and "k2 in the loss" in error
+
+
+def test_recipe_check_refuses_a_wrong_kl_pair_and_takes_the_defaults():
+    from alignment.config.ppo import KLSection, PPORecipe
+    from alignment.config.schema import load_recipe
+    from alignment.errors import RecipeError
+
+    tiny = REPO / "recipes/tiny/ppo.yaml"
+    assert (KLSection().estimator, KLSection().placement) == ("k1", "reward")  # the defaults are a sound pair
+    with pytest.raises(RecipeError, match="algorithm.kl: estimator k1 with placement loss gives a wrong KL gradient"):
+        load_recipe(tiny, PPORecipe, ["algorithm.kl.placement=loss"], check_paths=False)
+    with pytest.raises(RecipeError, match="estimator k3 with placement reward"):
+        load_recipe(tiny, PPORecipe, ["algorithm.kl.estimator=k3"], check_paths=False)
+
+
+def test_kl_loss_term_is_weighted_like_the_policy_term():
+    logp = torch.tensor([[math.log(0.5), math.log(0.25), math.log(0.1)]], dtype=torch.float64, requires_grad=True)
+    ref_logp, mask = torch.log(t64([[0.25, 0.25, 0.5]])), t64([[1, 1, 0]])
+    weights = t64([[2.0, 0.5, 3.0]])
+    term = kl_loss_term(logp, ref_logp, mask, kl_k2, coef=0.1, is_weights=weights)
+    # k2 = (log 0.5 - log 0.25)^2 / 2 = (ln 2)^2 / 2 at token 0, 0 at token 1; padding 0
+    close(term.detach(), [[0.1 * 2.0 * math.log(2) ** 2 / 2, 0.0, 0.0]])
+    term.sum().backward()
+    close(logp.grad, [[0.1 * 2.0 * math.log(2), 0.0, 0.0]])  # d k2 / d logp = logp - ref_logp, times coef * w
+    close(kl_loss_term(logp, ref_logp, mask, kl_k2, coef=0.1).detach(), [[0.1 * math.log(2) ** 2 / 2, 0.0, 0.0]])
+
+
 def test_adaptive_kl_controller_sequence_and_resume():
     ctl = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
     # KL 12: error 12/6 - 1 = 1, clipped to 0.2:   beta = 0.2 * (1 + 0.2 * 256/10000)
@@ -202,9 +292,36 @@ def test_score_transforms():
     scores = t64([3.0, -5.0, 1.0])
     close(normalize_scores(scores, mean=1.0, std=2.0, eps=0.0), [1.0, -3.0, 0.0])
     close(clip_scores(scores, 2.0), [2.0, -2.0, 1.0])
+    # the penalty is subtracted from truncated answers only; a negative one (which would reward rambling) is refused
     close(penalize_truncated(scores, ["stop", "length", "length"], penalty=1.5), [3.0, -6.5, -0.5])
     with pytest.raises(ValueError):
         penalize_truncated(scores, ["stop"], 1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        penalize_truncated(scores, ["stop", "length", "stop"], penalty=-1.0)
+
+
+@pytest.mark.parametrize("recipe", ["qwen2.5-7b/ppo.yaml", "tiny/ppo.yaml"])
+def test_shipped_recipe_scores_a_truncated_answer_below_the_same_answer_finished(recipe):
+    """The whole score path of the stage (normalise, truncation penalty, clip) with a shipped recipe's settings."""
+    from alignment.config.ppo import PPORecipe
+    from alignment.config.schema import load_recipe
+    from alignment.stages.ppo import shape_scores
+
+    algo = load_recipe(REPO / "recipes" / recipe, PPORecipe, ["algorithm.truncation_penalty=1.0"] if "tiny" in recipe else [],
+                       check_paths=False).algorithm
+    assert algo.truncation_penalty == 1.0
+    finished, truncated = shape_scores(torch.tensor([0.5, 0.5]), ["stop", "length"], algo, running_reward=None)
+    assert truncated < finished
+    close(finished - truncated, 1.0)
+
+
+def test_negative_truncation_penalty_is_a_recipe_error():
+    from alignment.config.ppo import PPORecipe
+    from alignment.config.schema import load_recipe
+    from alignment.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="algorithm.truncation_penalty: must be >= 0"):
+        load_recipe(REPO / "recipes/tiny/ppo.yaml", PPORecipe, ["algorithm.truncation_penalty=-1.0"], check_paths=False)
 
 
 def test_running_moments_matches_numpy_and_resumes():
@@ -291,14 +408,16 @@ def test_group_estimators_broadcast_over_tokens():
     mask = t64([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
     kl = torch.full((6, 3), 123.0, dtype=torch.float64)  # ignored: kl_coef = 0
     params = AdvantageParams(group_size=3, kl_coef=0.0, gamma=1.0, eps=0.0)
+    # Per-sequence values by hand (see test_grpo_and_dr_grpo_scores_by_hand and test_rloo_scores_by_hand):
+    s1, s2 = 1 / math.sqrt(3), math.sqrt(7 / 3)  # unbiased group stds
     for name, per_seq in [
-        ("grpo", grpo_scores(scores, 3, eps=0.0)),
-        ("dr_grpo", grpo_scores(scores, 3, scale_by_std=False)),
-        ("rloo", t64([1.0, -0.5, -0.5, -2.0, -0.5, 2.5])),
+        ("grpo", [2 / 3 / s1, -1 / 3 / s1, -1 / 3 / s1, -4 / 3 / s2, -1 / 3 / s2, 5 / 3 / s2]),
+        ("dr_grpo", [2 / 3, -1 / 3, -1 / 3, -4 / 3, -1 / 3, 5 / 3]),
+        ("rloo", [1.0, -0.5, -0.5, -2.0, -0.5, 2.5]),
     ]:
         advantages, returns = ADVANTAGE_ESTIMATORS[name].compute(scores, kl, mask, None, params)
-        close(advantages, per_seq[:, None] * mask)
-        close(returns, per_seq[:, None] * mask)
+        close(advantages, t64(per_seq)[:, None] * mask)
+        close(returns, t64(per_seq)[:, None] * mask)
 
 
 def _whiten_np(xs: list[float]) -> list[float]:
@@ -469,6 +588,45 @@ def test_token_logprobs_and_entropy_from_one_log_softmax():
     close(token_logprobs(logits, torch.tensor([[0, 2]]), temperature=2.0)[0], [[math.log(2**0.5 / (2**0.5 + 2)), math.log(1 / 3)]])
     low = token_logprobs(logits.to(torch.bfloat16), torch.tensor([[0, 2]]), with_entropy=True)
     assert low[0].dtype == low[1].dtype == torch.float32
+
+
+def _full_softmax_logprobs(logits, targets, temperature):
+    """The unchunked computation token_logprobs replaced: one log_softmax over the whole [B, T, V]."""
+    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, -1)
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp_all.exp() * logp_all).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_elements", [5, 11 * 3, 11 * 20, 1 << 25], ids=["part-row", "3-positions", "whole-rows", "one-chunk"])
+def test_chunked_logprobs_match_the_full_softmax_in_value_and_gradient(chunk_elements):
+    g = torch.Generator().manual_seed(3)
+    full = (3 * torch.randn(3, 7, 11, generator=g, dtype=torch.float64)).requires_grad_(True)
+    targets = torch.randint(0, 11, (3, 6), generator=g)
+    w_logp, w_ent = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    logp, entropy = token_logprobs(full[:, :-1], targets, 0.7, with_entropy=True, chunk_elements=chunk_elements)
+    grad, = torch.autograd.grad((logp * w_logp).sum() + (entropy * w_ent).sum(), full)
+    ref_logp, ref_entropy = _full_softmax_logprobs(full[:, :-1], targets, 0.7)
+    ref_grad, = torch.autograd.grad((ref_logp * w_logp).sum() + (ref_entropy * w_ent).sum(), full)
+    close(logp, ref_logp, rtol=0, atol=1e-12)
+    close(entropy, ref_entropy, rtol=0, atol=1e-12)
+    close(grad, ref_grad, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda x: token_logprobs(x, targets[:2, :3], 1.3, with_entropy=True, chunk_elements=chunk_elements),
+        full[:2, :3].detach().clone().requires_grad_(True))
+    # bf16 logits: float32 results, the same values as upcasting first
+    low = full.detach().to(torch.bfloat16)
+    low_logp, low_entropy = token_logprobs(low, targets.new_zeros(3, 7), with_entropy=True, chunk_elements=chunk_elements)
+    assert low_logp.dtype == low_entropy.dtype == torch.float32
+    close(low_logp, _full_softmax_logprobs(low, targets.new_zeros(3, 7), 1.0)[0], rtol=0, atol=1e-5)
+
+
+def test_entropy_of_a_distribution_with_impossible_tokens_is_finite():
+    logits = torch.tensor([[[0.0, float("-inf"), math.log(3.0)]]], dtype=torch.float64, requires_grad=True)
+    logp, entropy = token_logprobs(logits, torch.tensor([[0]]), with_entropy=True)
+    close(logp, [[math.log(0.25)]])
+    close(entropy, [[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])  # the -inf token contributes 0, not NaN
+    (logp + entropy).sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 0, 1] == 0
+    assert torch.isnan(_full_softmax_logprobs(logits.detach(), torch.tensor([[0]]), 1.0)[1]).all()  # what it replaced
 
 
 def test_explained_variance_by_hand():

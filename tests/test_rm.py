@@ -64,6 +64,33 @@ def test_rm_export_scoring_and_stats(tiny_rm, tiny_paths):
     assert norm.tolist() == pytest.approx(((chosen - stats["mean"]) / stats["std"]).tolist(), abs=1e-5)
 
 
+def test_rm_scores_whole_answers_of_long_sequences_by_trimming_the_prompt(tiny_rm, tiny_paths):
+    """A rollout longer than the RM's max_length (64 tokens here) is scored on its whole answer after the last prompt
+    tokens that fit, never on a prefix; an answer that cannot fit is a clear error."""
+    from alignment.errors import UserError
+    from reward.scoring import RewardModelScorer, encode
+
+    scorer = RewardModelScorer(tiny_rm.final)
+    assert scorer.max_length == 64
+    row = json.loads(tiny_paths.preferences.read_text().splitlines()[0])
+    answer = row["chosen"][0]["content"]
+    long_prompt = [{"role": "user", "content": " ".join([row["prompt"][-1]["content"]] * 12)}]
+    full = encode(scorer.tokenizer, long_prompt, answer)
+    assert len(full) > 64
+    answer_ids = encode(scorer.tokenizer, [], answer)  # no prompt: the assistant turn alone
+    trimmed = scorer.score([long_prompt, row["prompt"]], [answer, answer])
+    assert scorer.last_trimmed == 1
+    # By hand: the last 64 tokens hold the whole answer turn (the tiny template has no BOS to keep).
+    expected = full[-64:]
+    assert expected[-len(answer_ids):] == answer_ids
+    assert trimmed[0].item() == pytest.approx(scorer.score_ids([expected])[0].item(), abs=1e-6)
+    assert trimmed[0].item() != pytest.approx(scorer.score_ids([full[:64]])[0].item(), abs=1e-3)  # what a prefix would get
+
+    with pytest.raises(UserError, match=r"does not fit its max_length of 64"):
+        scorer.score([row["prompt"]], [" ".join([answer] * 20)])
+    assert 24 <= scorer.answer_room() < 64  # recipes/tiny/ppo.yaml's 24-token answers fit
+
+
 def test_rm_overlong_pairs_counted_then_dropped_or_truncated(tiny_paths):
     from datasets import Dataset
     from transformers import AutoTokenizer

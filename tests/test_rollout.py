@@ -169,6 +169,33 @@ def test_named_tensors_plain_module_strips_wrapper():
     assert all(t.dtype == torch.bfloat16 for _, t in named_tensors(model, dtype=torch.bfloat16))
 
 
+def test_lora_sync_merges_out_of_place_and_leaves_bf16_base_weights_bitwise_unchanged(tiny_dir):
+    """50 syncs of a bf16 LoRA policy: the frozen base weights stay bit for bit what they were (an in-place
+    merge/unmerge, W += d; W -= d, rounds twice per sync in bf16 and drifts them), and each merged tensor is
+    W + B A * scaling computed in float32 and rounded once."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (no delta); give the adapters something to merge
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    base_before = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters() if "lora_" not in n}
+    for _ in range(50):
+        synced = dict(named_tensors(model))
+    assert all(torch.equal(p.detach(), base_before[n]) for n, p in model.get_base_model().named_parameters() if n in base_before)
+
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    expected = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    assert torch.equal(synced["model.layers.0.self_attn.q_proj.weight"], expected)
+    assert not torch.equal(expected, layer.base_layer.weight)  # the delta is large enough to show
+    assert set(synced) == {n.replace(".base_layer", "") for n in base_before}  # plain HF names, no adapter tensors
+    assert all(t.dtype == torch.bfloat16 for t in synced.values())
+
+
 def test_hung_server_times_out():
     """A socket that accepts connections but never answers: RolloutError within the timeout."""
     from rollout.remote import RemoteEngine

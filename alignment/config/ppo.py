@@ -49,7 +49,9 @@ class RolloutSection:
 
 @recipe
 class KLSection:
-    estimator: Literal["k1", "k2", "k3"] = option("k1", help="KL estimator (Schulman): k1 = log-ratio, k2 = squared/2, k3 = unbiased non-negative")
+    estimator: Literal["k1", "k2", "k3"] = option(
+        "k1", help="KL estimator (Schulman): k1 = log-ratio, k2 = squared/2, k3 = (r-1) - log r. Sound pairs: k1 in the "
+        "reward and k2 in the loss give the gradient of KL(pi||ref), k3 in the loss that of KL(ref||pi); others are refused")
     placement: Literal["reward", "loss"] = option("reward", help="subtract KL from the per-token reward, or add it to the policy loss")
     coef: float = option(0.05, help="initial KL coefficient", min=0.0)
     target: float | None = option(None, help="if set, adapt the coefficient towards this KL per sequence (Ziegler et al.)", min=0.0)
@@ -76,7 +78,8 @@ class PPOAlgorithmSection:
         "none", help="running: standardise the total reward with its running mean/std over the run (model terms can "
         "also use the RM's saved stats: rewards.N.normalize)")
     reward_clip: float | None = option(10.0, help="clip the (normalised) score to [-c, c]", min=0.0)
-    truncation_penalty: float | None = option(None, help="added to the score of answers cut at max_new_tokens (no EOS)")
+    truncation_penalty: float | None = option(
+        None, help="subtracted from the (normalised, before clipping) score of answers cut at max_new_tokens (no EOS)", min=0.0)
     tis_cap: float | None = option(2.0, help="truncated importance-sampling cap for the sampler/trainer mismatch (None: off)", min=1.0)
     kl: KLSection = option(KLSection(), help="KL leash to the reference policy")
 
@@ -119,11 +122,21 @@ class PPORecipe:
         errors += [f"algorithm.advantage: {e}" for e in validate_advantage_estimator(self.algorithm.advantage, self.rollout.sampling.samples_per_prompt)]
         if self.rollout.engine == "remote" and not (self.rollout.servers or self.rollout.launch_servers):
             errors.append("rollout.servers: give server URLs or rollout.launch_servers when rollout.engine is 'remote'")
+        from alignment.ppo.kl import validate_kl
+
+        errors += [f"algorithm.kl: {e}" for e in validate_kl(self.algorithm.kl.estimator, self.algorithm.kl.placement)]
         if self.algorithm.kl.target is not None and self.algorithm.kl.target <= 0:
             errors.append(f"algorithm.kl.target: must be > 0 for the adaptive controller, got {self.algorithm.kl.target}")
         if self.rollout.async_generation and self.algorithm.tis_cap is None:
             errors.append("algorithm.tis_cap: required when rollout.async_generation is true (it corrects for "
                           "rollouts sampled by the previous policy)")
+        sampling = self.rollout.sampling
+        truncation = "vLLM samples from, and reports log-probs of, the truncated renormalised distribution while the " \
+                     "trainer's log-probs (PPO ratio, importance weights, ppo/logprob_mismatch) use the full softmax"
+        if sampling.top_p < 1.0:
+            errors.append(f"rollout.sampling.top_p: PPO rollouts need 1.0, got {sampling.top_p}: {truncation}")
+        if sampling.top_k > 0:
+            errors.append(f"rollout.sampling.top_k: PPO rollouts need -1 (off), got {sampling.top_k}: {truncation}")
         if not self.rewards:
             errors.append("rewards: give at least one reward term")
         return errors

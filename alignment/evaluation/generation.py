@@ -21,6 +21,7 @@ import torch
 
 from alignment.config.eval import EngineSection, PolicySpec, PromptSection, RunSection
 from alignment.errors import DataError, UserError
+from alignment.ppo.logprobs import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,8 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
         width = max(len(s) for s in seqs)
         ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        token_logp = torch.gather(logp[:, :-1], 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [b, width-1]: log p(ids[t+1])
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        token_logp = token_logprobs(logits[:, :-1], ids[:, 1:])[0]  # [b, width-1]: log p(ids[t+1]), chunked over the vocabulary
         for row, (p, c) in enumerate(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])):
             first = len(p) - 1  # position whose logits predict the first completion token
             out.append(float(token_logp[row, first : first + len(c)].sum()))

@@ -11,13 +11,23 @@ from alignment.ppo.advantages import (
     rloo_scores,
     validate_advantage_estimator,
 )
-from alignment.ppo.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_k1, kl_k2, kl_k3
+from alignment.ppo.kl import (
+    KL_ESTIMATORS,
+    KL_PLACEMENTS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    validate_kl,
+)
 from alignment.ppo.logprobs import completion_logprobs, token_logprobs
 from alignment.ppo.losses import (
     PolicyLossOutput,
     clipped_policy_loss,
     clipped_value_loss,
     explained_variance,
+    kl_loss_term,
     truncated_is_weights,
 )
 from alignment.ppo.masking import (
@@ -45,6 +55,7 @@ __all__ = [
     "AdvantageParams",
     "FixedKLController",
     "KL_ESTIMATORS",
+    "KL_PLACEMENTS",
     "LOSS_AGGREGATIONS",
     "PolicyLossOutput",
     "RunningMoments",
@@ -62,6 +73,7 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_loss_term",
     "last_token_index",
     "masked_mean",
     "masked_sum",
@@ -74,4 +86,5 @@ __all__ = [
     "token_mult_prob_error",
     "truncated_is_weights",
     "validate_advantage_estimator",
+    "validate_kl",
 ]

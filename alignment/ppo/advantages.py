@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignment.ppo.masking import masked_whiten
+from alignment.ppo.masking import SumAcrossRanks, masked_whiten
 from alignment.ppo.rewards import token_level_rewards
 
 
@@ -117,6 +117,10 @@ class AdvantageParams:
     kl_coef: float = 0.0  # beta of the KL penalty in the reward (0 when the KL is a loss term instead)
     group_size: int = 1  # samples per prompt, consecutive in the batch
     eps: float = 1e-6  # GRPO std guard
+    # Whitening statistics over the global batch under data parallelism (REINFORCE++'s baseline is the batch mean):
+    # an all-reduce sum, or None when this process holds the whole batch. Groups never span ranks, so GRPO/RLOO
+    # need none.
+    sum_across_ranks: SumAcrossRanks | None = None
 
 
 # compute(scores [B], kl [B, T], mask [B, T], values [B, T] | None, params) -> (advantages, returns)
@@ -130,12 +134,12 @@ def gae_estimator(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, values: torch.Tensor | None, params: AdvantageParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO (Ouyang et al. 2022): GAE over r_t = score at EOS - beta*KL_t; advantages whitened over
-    the batch, returns (the critic's targets) left raw."""
+    the (global) batch, returns (the critic's targets) left raw."""
     if values is None:
         raise ValueError("the 'gae' advantage estimator needs critic values")
     rewards = token_level_rewards(scores, kl, mask, params.kl_coef)
     advantages, returns = gae(rewards, values, mask, params.gamma, params.lam)
-    return masked_whiten(advantages, mask), returns
+    return masked_whiten(advantages, mask, sum_across_ranks=params.sum_across_ranks), returns
 
 
 def _critic_free(
@@ -146,7 +150,7 @@ def _critic_free(
     its sequence's baselined score (the score broadcast over the tokens)."""
     rewards = token_level_rewards(baselined_scores, kl, mask, params.kl_coef)
     returns = discounted_returns(rewards, mask, params.gamma)
-    advantages = masked_whiten(returns, mask) if whiten else returns
+    advantages = masked_whiten(returns, mask, sum_across_ranks=params.sum_across_ranks) if whiten else returns
     return advantages, returns
 
 

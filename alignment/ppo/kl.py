@@ -1,13 +1,24 @@
-"""KL divergence to the reference policy: per-token estimators and the coefficient's controllers.
+"""KL divergence to the reference policy: per-token estimators, where each may be placed, and the coefficient's controllers.
 
 Estimators follow J. Schulman, "Approximating KL Divergence" (2020). Tokens are sampled from the
-policy pi, so with r = pi_ref(x) / pi(x) and log r = ref_logp - logp, each estimator's expectation
-under pi is (or approximates) KL(pi || pi_ref):
-    k1 = -log r                 unbiased, high variance, can be negative per token
-    k2 = 1/2 (log r)^2          biased (low bias when pi ~ pi_ref), always >= 0
-    k3 = (r - 1) - log r        unbiased, always >= 0 (since log r <= r - 1), low variance
-All take and return [B, T]; they are differentiable, so the same functions serve a KL penalty in
-the reward (detached) and a KL term in the loss (GRPO-style).
+policy pi, so with r = pi_ref(x) / pi(x) and log r = ref_logp - logp, each estimator's *value* has
+expectation under pi equal to (or near) KL(pi || pi_ref):
+    k1 = -log r                 unbiased value, high variance, can be negative per token
+    k2 = 1/2 (log r)^2          biased value (low bias when pi ~ pi_ref), always >= 0
+    k3 = (r - 1) - log r        unbiased value, always >= 0 (since log r <= r - 1), low variance
+All take and return [B, T] and are differentiable.
+
+An unbiased value does not make an unbiased *gradient* (Tang & Munos 2025, "On a few pitfalls in KL
+divergence gradient estimation for RL"). On-policy, with g = grad log pi(x):
+  in the reward (a detached penalty, gradient through the score function):  E_pi[k(x) g]
+      k1: E_pi[log(pi/ref) g] = grad KL(pi || ref)                      exact
+      k2, k3: no divergence's gradient                                  biased
+  in the loss (differentiated through log pi):                             E_pi[grad k(x)]
+      k1: E_pi[g] = 0                                                   the leash vanishes
+      k2: E_pi[log(pi/ref) g] = grad KL(pi || ref)                      exact
+      k3: E_pi[(1 - ref/pi) g] = -sum_x ref(x) g = grad KL(ref || pi)   exact, for the reverse KL (GRPO's choice)
+`KL_PLACEMENTS` lists the pairs a recipe may use and the divergence each one's gradient follows; the
+others are refused at recipe-check time (`validate_kl`).
 """
 
 from collections.abc import Callable
@@ -39,6 +50,27 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 
 KL_ESTIMATORS: dict[str, KLEstimator] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+# (estimator, placement) -> the divergence whose gradient the pair gives, on-policy (see the module docstring).
+KL_PLACEMENTS: dict[tuple[str, str], str] = {
+    ("k1", "reward"): "KL(pi || ref)",
+    ("k2", "loss"): "KL(pi || ref)",
+    ("k3", "loss"): "KL(ref || pi)",
+}
+_WHY_NOT = {
+    ("k1", "loss"): "the gradient of k1 = log pi - log ref is grad log pi, whose expectation under pi is 0: the leash vanishes",
+    ("k2", "reward"): "as a reward, k2 weighs grad log pi by (log r)^2 / 2, which is no divergence's gradient (biased)",
+    ("k3", "reward"): "as a reward, k3 weighs grad log pi by (r - 1) - log r, which is no divergence's gradient (biased)",
+}
+
+
+def validate_kl(estimator: str, placement: str) -> list[str]:
+    """Config-time check of an (estimator, placement) pair; returns error messages (empty when fine)."""
+    if (estimator, placement) in KL_PLACEMENTS:
+        return []
+    sound = ", ".join(f"{e} in the {p} (gradient of {d})" for (e, p), d in KL_PLACEMENTS.items())
+    return [f"estimator {estimator} with placement {placement} gives a wrong KL gradient: {_WHY_NOT[(estimator, placement)]}. "
+            f"Use one of: {sound}"]
 
 
 class FixedKLController:

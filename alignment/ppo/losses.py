@@ -4,6 +4,7 @@ Token tensors are [B, T] with a float `mask` [B, T], 1 for real tokens up to and
 Stats are detached scalars averaged over the real tokens of the micro-batch.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,28 @@ def clipped_policy_loss(
         ratio_mean = masked_mean(ratio, mask)
 
     return PolicyLossOutput(pg_loss * mask, clip_fraction, dual_clip_fraction, approx_kl, ratio_mean)
+
+
+def kl_loss_term(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    kl_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    coef: float,
+    is_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The KL leash as a loss term (placement "loss"), per token:  coef * w_t * k(logp_t, ref_logp_t).
+
+    The term's gradient is meant to be E_{x ~ pi_old}[grad k(x)] (see kl.py), but the tokens were drawn by the
+    sampler. The truncated importance weights w_t = min(pi_old / pi_sampler, C) that correct the policy term
+    correct this one the same way: in async mode (samples one update old) the KL gradient would otherwise follow
+    the previous policy's samples; on-policy w_t is ~1.
+
+    logp: [B, T] current policy, differentiable; ref_logp: [B, T]; mask: [B, T]; is_weights: [B, T] or None.
+    Returns [B, T], 0 at padding.
+    """
+    term = coef * kl_fn(logp, ref_logp.detach()) * mask
+    return term * is_weights.detach() if is_weights is not None else term
 
 
 def clipped_value_loss(

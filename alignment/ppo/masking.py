@@ -4,12 +4,16 @@ Every tensor is [B, T] (B sequences, T completion tokens) with a float `mask` [B
 tokens (up to and including EOS), 0 for padding. Padding never contributes to a reduction.
 """
 
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
 
 LossAggregation = Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"]
 LOSS_AGGREGATIONS: tuple[str, ...] = get_args(LossAggregation)
+
+# Sums a tensor over every data-parallel rank (an all-reduce); None: this process's batch is the whole batch.
+SumAcrossRanks = Callable[[torch.Tensor], torch.Tensor]
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -22,24 +26,38 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None)
     return (values * mask).sum(dim)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, sum_across_ranks: SumAcrossRanks | None = None
+) -> torch.Tensor:
     """sum(mask * values) / sum(mask) (over all entries, or over `dim`).
 
     values, mask: [B, T]. Returns a scalar, or [B] for dim=1. A row (or batch) with no real tokens
-    gives 0, not NaN (the denominator is clamped to 1).
+    gives 0, not NaN (the denominator is clamped to 1). With `sum_across_ranks` (over all entries only)
+    both sums are taken over every data-parallel rank's batch: the mean of all ranks' real tokens.
     """
-    return masked_sum(values, mask, dim) / masked_sum(torch.ones_like(values), mask, dim).clamp(min=1)
+    if dim is not None:
+        return masked_sum(values, mask, dim) / masked_sum(torch.ones_like(values), mask, dim).clamp(min=1)
+    totals = torch.stack([masked_sum(values, mask), masked_sum(torch.ones_like(values), mask)])
+    if sum_across_ranks is not None:
+        totals = sum_across_ranks(totals)
+    return totals[0] / totals[1].clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False) -> torch.Tensor:
+def masked_var(
+    values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False, sum_across_ranks: SumAcrossRanks | None = None
+) -> torch.Tensor:
     """Variance over real tokens: sum(mask * (x - mean)^2) / (N or N - 1), N = sum(mask).
 
     values, mask: [B, T]. Returns a scalar. `unbiased=False` (default) is the population variance,
     numpy's `np.var(x)`; `unbiased=True` applies Bessel's correction, `np.var(x, ddof=1)`.
+    With `sum_across_ranks`, mean, sums and N are over every data-parallel rank's real tokens.
     """
-    mean = masked_mean(values, mask)
-    n = mask.sum()
-    var = masked_sum((values - mean) ** 2, mask) / n.clamp(min=1)
+    mean = masked_mean(values, mask, sum_across_ranks=sum_across_ranks)
+    totals = torch.stack([masked_sum((values - mean) ** 2, mask), masked_sum(torch.ones_like(values), mask)])
+    if sum_across_ranks is not None:
+        totals = sum_across_ranks(totals)
+    squares, n = totals[0], totals[1]
+    var = squares / n.clamp(min=1)
     if unbiased:
         # Bessel: var * N / (N - 1)
         var = var * n / (n - 1).clamp(min=1)
@@ -47,7 +65,11 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = False)
 
 
 def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    sum_across_ranks: SumAcrossRanks | None = None,
 ) -> torch.Tensor:
     """Normalise over all real tokens of the batch: (x - mean) / sqrt(var + eps).
 
@@ -55,9 +77,11 @@ def masked_whiten(
     With `shift_mean=False` the mean is added back: x' = (x - mean) / std + mean, which rescales
     without re-centring (used for rewards, whose sign carries meaning).
     The variance is the population variance over real tokens (no Bessel correction).
+    Under data parallelism pass `sum_across_ranks` (an all-reduce sum): the statistics are then those of
+    the global batch, so every rank whitens alike and results do not depend on the number of processes.
     """
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask)
+    mean = masked_mean(values, mask, sum_across_ranks=sum_across_ranks)
+    var = masked_var(values, mask, sum_across_ranks=sum_across_ranks)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -50,12 +50,15 @@ def clip_scores(scores: torch.Tensor, clip: float) -> torch.Tensor:
 
 
 def penalize_truncated(scores: torch.Tensor, finish_reasons: Sequence[str], penalty: float) -> torch.Tensor:
-    """score - penalty for every completion cut at max_new_tokens (finish_reason "length", no EOS).
+    """score - penalty for every completion cut at max_new_tokens (finish_reason "length", no EOS); penalty >= 0.
 
     scores: [B]; finish_reasons: B strings, "stop" or "length". Returns a new [B] tensor.
     A truncated answer is usually scored on its unfinished text; the penalty teaches the policy to
-    finish within the budget (TRL's `missing_eos_penalty`).
+    finish within the budget (TRL's `missing_eos_penalty`). A negative penalty would reward rambling to the
+    token limit, so it is refused.
     """
+    if penalty < 0:
+        raise ValueError(f"the truncation penalty is subtracted from the score and must be >= 0, got {penalty}")
     if len(finish_reasons) != scores.shape[0]:
         raise ValueError(f"{len(finish_reasons)} finish reasons for {scores.shape[0]} scores")
     truncated = torch.tensor([reason == "length" for reason in finish_reasons], device=scores.device)

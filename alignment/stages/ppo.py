@@ -42,6 +42,7 @@ from alignment.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     explained_variance,
+    kl_loss_term,
     masked_mean,
     normalize_scores,
     penalize_truncated,
@@ -52,6 +53,7 @@ from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
 from alignment.stages.rollout_schedule import RolloutSchedule
 from alignment.training import (
+    AccumulationWindow,
     ZeroSettings,
     all_reduce_mean,
     all_reduce_sum,
@@ -61,6 +63,7 @@ from alignment.training import (
     init_distributed,
     make_inference_model,
     make_train_engine,
+    sum_across_ranks,
 )
 from reward.composite import CompositeReward
 from reward.functions import load_reward_function
@@ -122,6 +125,12 @@ def run(recipe: PPORecipe, engine=None) -> None:
         critic = train_engine(TokenValueModel(load_value_model(recipe.value)), train.critic_learning_rate)
     reference = make_inference_model(load_causal_lm(recipe.reference or recipe.policy), zero)
     reward = CompositeReward.from_recipe(recipe.rewards, dev)
+    for name, scorer in reward.scorers.items():  # a whole answer must fit the RM: it is never scored on a prefix
+        if sampling_cfg.max_new_tokens > (room := scorer.answer_room()):
+            raise UserError(f"rewards.{name.split('_')[0]}: the reward model '{scorer.path}' reads at most {scorer.max_length} "
+                            f"tokens, room for answers of {room} beside its template, so answers of "
+                            f"rollout.sampling.max_new_tokens={sampling_cfg.max_new_tokens} could not be scored whole; lower "
+                            "max_new_tokens or train the reward model with a larger train.max_length")
     gold = load_reward_function(recipe.gold_metric) if recipe.gold_metric else None
     kl_ctl = AdaptiveKLController(algo.kl.coef, algo.kl.target, algo.kl.horizon) if algo.kl.target is not None else FixedKLController(algo.kl.coef)
     kl_fn = KL_ESTIMATORS[algo.kl.estimator]
@@ -152,6 +161,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
                            console_namespace="ppo/")
     progress = tqdm(total=train.steps, initial=state.step, desc="ppo", disable=rank != 0)
     last_metrics: dict[str, float] = {}
+    warned_trim = False
     rollouts = RolloutSchedule(engine, prompt_ids, sampling_cfg, ahead=recipe.rollout.async_generation) if rank == 0 else None
 
     while state.step < train.steps:
@@ -181,15 +191,14 @@ def run(recipe: PPORecipe, engine=None) -> None:
         columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
         local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
         raw, parts = reward(local_prompts, texts, columns)
-        scores = raw.clone()
+        if any(reward.trimmed.values()) and not warned_trim:
+            warned_trim = True
+            print(f"warning: rank {rank}, step {step}: {sum(reward.trimmed.values())} rollout(s) exceed the reward model's "
+                  "max_length; their prompts were trimmed from the left so the whole answer is scored (share per step: "
+                  "reward/*_prompt_trimmed)", flush=True)
         if running_reward is not None:
             running_reward.update(_all_gather(raw))  # the same statistics on every rank
-            scores = normalize_scores(scores, running_reward.mean, running_reward.std)
-        if algo.truncation_penalty is not None:
-            scores = penalize_truncated(scores, batch.finish_reasons, algo.truncation_penalty)
-        if algo.reward_clip is not None:
-            scores = clip_scores(scores, algo.reward_clip)
-        batch.scores = scores
+        batch.scores = scores = shape_scores(raw, batch.finish_reasons, algo, running_reward)
         _score_tokens(batch, policy, reference, critic, tokenizer.pad_token_id, dev, temperature, algo.micro_batch_size)
         mask = batch.mask
         kl_tokens = kl_fn(batch.old_logp, batch.ref_logp) * mask
@@ -197,7 +206,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
 
         # ---- 3. advantages (KL in the reward: subtracted per token; in the loss: added to the policy loss)
         kl_in_reward = kl_ctl.coef if algo.kl.placement == "reward" else 0.0
-        params = AdvantageParams(gamma=algo.gamma, lam=algo.lam, kl_coef=kl_in_reward, group_size=group)
+        params = AdvantageParams(gamma=algo.gamma, lam=algo.lam, kl_coef=kl_in_reward, group_size=group,
+                                 sum_across_ranks=sum_across_ranks if world > 1 else None)
         batch.advantages, batch.returns = estimator.compute(batch.scores, kl_tokens, mask, batch.values, params)
         healthy = finite(batch.scores, batch.advantages, batch.old_logp, batch.ref_logp)
         if any_rank(not healthy):
@@ -210,8 +220,11 @@ def run(recipe: PPORecipe, engine=None) -> None:
         t2 = time.perf_counter()
         train_stats = _train_on_batch(batch, policy, critic, recipe, kl_ctl.coef, kl_fn, tokenizer.pad_token_id, dev,
                                       temperature, train_actor=critic is None or step >= algo.critic_warmup_steps, generator_seed=train.seed * 7919 + step)
-        if train_stats.pop("bad_micro_batches") > 0:
-            _count_bad_step(state, train.max_bad_steps, rank, "NaN/inf losses; those micro-batches were skipped")
+        bad_micro_batches = train_stats.pop("bad_micro_batches")
+        if bad_micro_batches > 0:
+            _count_bad_step(state, train.max_bad_steps, rank,
+                            f"NaN/inf losses in {bad_micro_batches:.0f} micro-batch(es), which added no gradient; "
+                            f"{train_stats['ppo/skipped_optimizer_steps']:.0f} optimizer step(s) had nothing left and were skipped")
         else:
             state.bad_steps = 0
         timings["train"] = time.perf_counter() - t2
@@ -229,6 +242,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             "ppo/reward": float(raw.mean()),
             "ppo/score": float(scores.mean()),
             **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
+            **{f"reward/{k}_prompt_trimmed": n / len(texts) for k, n in reward.trimmed.items()},
             "ppo/kl": seq_kl,
             "ppo/kl_coef": kl_ctl.coef,
             "ppo/entropy": float(masked_mean(batch.entropy, mask)),
@@ -297,6 +311,19 @@ def _count_bad_step(state: LoopState, max_bad_steps: int, rank: int, what: str) 
 # --------------------------------------------------------------------------------------------- scoring
 
 
+def shape_scores(raw: torch.Tensor, finish_reasons: list[str], algo, running_reward: RunningMoments | None) -> torch.Tensor:
+    """From the reward's raw scores [B] to the scores PPO optimises: standardised by the running moments (when on),
+    minus the truncation penalty for answers cut at max_new_tokens, then clipped."""
+    scores = raw.clone()
+    if running_reward is not None:
+        scores = normalize_scores(scores, running_reward.mean, running_reward.std)
+    if algo.truncation_penalty is not None:
+        scores = penalize_truncated(scores, finish_reasons, algo.truncation_penalty)
+    if algo.reward_clip is not None:
+        scores = clip_scores(scores, algo.reward_clip)
+    return scores
+
+
 @torch.no_grad()
 def _score_tokens(batch, policy, reference, critic, pad_id, dev, temperature, micro_batch_size) -> None:
     """Fill old_logp (policy before the update), ref_logp, values and the policy entropy, micro-batched."""
@@ -329,7 +356,7 @@ def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, 
     world = dist.get_world_size()
     gen = torch.Generator().manual_seed(generator_seed)
     stats: dict[str, list[float]] = {}
-    bad = 0
+    bad_micro_batches = skipped_steps = 0
     is_weights = (
         truncated_is_weights(batch.old_logp, batch.sampler_logp, algo.tis_cap) if algo.tis_cap is not None else None
     )
@@ -337,6 +364,9 @@ def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, 
         for minibatch in torch.randperm(len(batch), generator=gen).chunk(algo.minibatches):
             window_tokens = all_reduce_sum(float(batch.mask[minibatch].sum())) / world
             window_seqs = all_reduce_sum(float(len(minibatch))) / world
+            # One optimizer step per model per minibatch; a window whose micro-batches were all NaN/inf takes none.
+            actor_window = AccumulationWindow(policy) if train_actor else None
+            critic_window = AccumulationWindow(critic) if critic is not None else None
             for idx in batch.micro_batches(minibatch, algo.micro_batch_size):
                 inputs = batch.model_inputs(idx, pad_id, dev)
                 n = inputs.completion_len
@@ -345,40 +375,34 @@ def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, 
                 def window_loss(per_token):
                     return aggregate_loss(per_token, mask, algo.loss_aggregation, window_tokens, window_seqs)
 
-                if train_actor:
+                if actor_window is not None:
                     logp, entropy = policy_forward(policy, inputs, temperature, with_entropy=algo.entropy_coef > 0)
+                    weights = is_weights[idx, :n].to(dev) if is_weights is not None else None
                     out = clipped_policy_loss(
                         logp, batch.old_logp[idx, :n].to(dev), batch.advantages[idx, :n].to(dev), mask,
-                        algo.clip_low, algo.clip_high, algo.dual_clip,
-                        is_weights[idx, :n].to(dev) if is_weights is not None else None,
+                        algo.clip_low, algo.clip_high, algo.dual_clip, weights,
                     )
                     per_token = out.loss_per_token
                     if algo.kl.placement == "loss":
-                        per_token = per_token + kl_coef * kl_fn(logp, batch.ref_logp[idx, :n].to(dev)) * mask
+                        per_token = per_token + kl_loss_term(logp, batch.ref_logp[idx, :n].to(dev), mask, kl_fn, kl_coef, weights)
                     if algo.entropy_coef > 0:
                         per_token = per_token - algo.entropy_coef * entropy * mask
-                    loss = window_loss(per_token)
-                    if any_rank(not finite(loss)):
-                        bad += 1  # skip this micro-batch's gradient on every rank; keep DeepSpeed's step count
-                    else:
-                        policy.backward(loss, scale_wrt_gas=False)
-                    policy.step()
+                    actor_window.backward(window_loss(per_token))
                     _append(stats, {"ppo/policy_loss": float(masked_mean(out.loss_per_token.detach(), mask)),
                                     "ppo/clip_fraction": float(out.clip_fraction), "ppo/approx_kl": float(out.approx_kl)})
-                if critic is not None:
+                if critic_window is not None:
                     values = critic_forward(critic, inputs)
                     v_per_token, v_clipfrac = clipped_value_loss(
                         values, batch.values[idx, :n].to(dev), batch.returns[idx, :n].to(dev), mask, algo.value_clip
                     )
-                    v_loss = algo.vf_coef * window_loss(v_per_token)
-                    if any_rank(not finite(v_loss)):
-                        bad += 1
-                    else:
-                        critic.backward(v_loss, scale_wrt_gas=False)
-                    critic.step()
+                    critic_window.backward(algo.vf_coef * window_loss(v_per_token))
                     _append(stats, {"ppo/value_loss": float(masked_mean(v_per_token.detach(), mask)), "ppo/value_clip_fraction": float(v_clipfrac)})
+            for window in (w for w in (actor_window, critic_window) if w is not None):
+                bad_micro_batches += window.skipped
+                skipped_steps += not window.step()
     result = {k: float(np.mean(v)) for k, v in stats.items()}
-    result["bad_micro_batches"] = float(bad)
+    result["ppo/skipped_optimizer_steps"] = float(skipped_steps)
+    result["bad_micro_batches"] = float(bad_micro_batches)
     return result
 
 
