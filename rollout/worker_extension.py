@@ -39,9 +39,33 @@ class WeightSyncExtension:
     def rollout_finish_reload(self) -> int:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.model_config)
+        model = self.model_runner.get_model()
+        finalize_layerwise_reload(model, self.model_runner.model_config)
+        reprocess_shared_weight_layers(model)
         loaded, self._rollout_loaded = getattr(self, "_rollout_loaded", 0), 0
         return loaded
 
     def rollout_param_names(self) -> list[str]:
         return [n for n, _ in self.model_runner.get_model().named_parameters()]
+
+
+def reprocess_shared_weight_layers(model) -> int:
+    """Re-run weight post-processing on every layer that shares a parameter with another layer; returns how many.
+
+    Layerwise reload processes a layer after its own weights arrive. A layer whose weight is another layer's
+    (tied input/output embeddings: vLLM's lm_head holds `embed_tokens.weight`) gets no weights of its own (the
+    checkpoint has no separate lm_head), so whatever its quantisation method derived from the weight at start-up
+    stays stale. On CPU that is the oneDNN-packed copy the logits are computed from: the engine went on sampling
+    from the initial head while the embeddings changed (token_mult_prob_error ~1.6 after one sync). Processing
+    these layers again derives their kernels from the shared, now updated, weight.
+    """
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    shared = {id(m): m for modules in owners.values() if len(modules) > 1 for m in modules}
+    for module in shared.values():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+    return len(shared)

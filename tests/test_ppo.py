@@ -107,6 +107,7 @@ def test_other_estimators_run_and_move_the_policy(advantage, tiny_paths, tiny_sf
     run(recipe, engine=vllm_engine)
     metrics = read_metrics(out)
     assert metrics[-1]["ppo/kl"] > 0 and all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics)
+    assert all(m["sync/probe_mult_prob_error"] < 1.001 for m in metrics)  # fp32 engine and trainer: the same weights
 
 
 def test_importance_weights_compare_the_trainers_logprobs_with_the_samplers(tiny_paths, tiny_sft, tiny_rm, vllm_engine,
@@ -150,6 +151,29 @@ def test_importance_weights_compare_the_trainers_logprobs_with_the_samplers(tiny
         assert torch.equal(sampler_logp, vllm_logp)
         if k > 0:  # sampled by the weights before the last update
             assert (old_logp - sampler_logp).abs().max() > 0.01
+
+
+def test_sync_check_stops_a_run_whose_engine_misses_the_trainers_weights(tiny_paths, tiny_sft, tiny_rm, vllm_engine,
+                                                                         tmp_path, monkeypatch):
+    """Break the weight sync on purpose (one tensor arrives wrong): the probe after each sync sees it, warns, and the
+    run stops with a clear error after `rollout.sync_check_max_bad` bad syncs in a row."""
+    import rollout.weight_sync as weight_sync
+    from alignment.stages.ppo import run
+
+    named_tensors = weight_sync.named_tensors
+
+    def one_tensor_wrong(model, dtype=None):
+        for name, tensor in named_tensors(model, dtype):
+            yield name, (tensor * 1.5 if name == "model.norm.weight" else tensor)
+
+    monkeypatch.setattr(weight_sync, "named_tensors", one_tensor_wrong)
+    out = tmp_path / "broken_sync"
+    recipe = tiny_recipe(tiny_paths, tiny_sft, tiny_rm, out, "algorithm.advantage=grpo", "train.steps=4", "eval=null",
+                         "rollout.sync_check_max_bad=2")
+    with pytest.raises(UserError, match=r"2 consecutive weight syncs left the rollout engine sampling from other weights"):
+        run(recipe, engine=vllm_engine)
+    metrics = read_metrics(out)  # the initial sync was the first bad one, step 1's the second
+    assert len(metrics) == 0
 
 
 def test_truncated_sampling_is_refused_for_ppo():

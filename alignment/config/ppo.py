@@ -39,12 +39,22 @@ class RolloutSection:
     # The rollout layer also has an NCCL transport (vLLM's weight-transfer engine, trainer and vLLM on
     # different GPUs: rollout.weight_sync.NCCLTransport); PPO does not route it to servers yet.
     weight_sync: Literal["shm"] = option("shm", help="shm: chunked safetensors files in /dev/shm, for engines on the trainer's host")
+    sync_check_tolerance: float | None = option(
+        None, help="after each weight sync the engine and the trainer score a probe of fixed prompts: largest allowed "
+        "token_mult_prob_error (None: 1.02 when engine and policy are float32, 1.10 otherwise)", min=1.0)
+    sync_check_max_bad: int = option(3, help="stop after this many consecutive syncs over the tolerance", min=1)
     max_model_len: int = option(512, help="vLLM context length", min=16)
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="vLLM weights dtype; match the trainer for exact logprobs")
     sampling: SamplingSection = option(SamplingSection(samples_per_prompt=4), help="sampling parameters")
     async_generation: bool = option(
         False, help="generate the next step's rollouts while this step scores and trains: samples are one policy "
         "update old (algorithm.tis_cap corrects for it); a step then takes about max(generate, score + train)")
+
+    def sync_check_tolerance_for(self, policy_dtype: str) -> float:
+        """The probe's tolerance: the recipe's, else tight when both sides compute in float32."""
+        if self.sync_check_tolerance is not None:
+            return self.sync_check_tolerance
+        return 1.02 if self.dtype == policy_dtype == "float32" else 1.10
 
 
 @recipe

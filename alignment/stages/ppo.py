@@ -52,12 +52,14 @@ from alignment.ppo import (
 from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
 from alignment.stages.rollout_schedule import RolloutSchedule
+from alignment.stages.sync_check import SyncCheck
 from alignment.training import (
     AccumulationWindow,
     ZeroSettings,
     all_reduce_mean,
     all_reduce_sum,
     any_rank,
+    broadcast_object,
     device,
     finite,
     init_distributed,
@@ -147,6 +149,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
         engine = _make_rollout_engine(recipe)
     # The engine may hold other weights (a resumed run, a shared engine): make it serve the policy's.
     sync_weights(engine, policy, version=state.step)
+    sync_check = SyncCheck(prompt_ids, recipe.rollout.sync_check_tolerance_for(recipe.policy.dtype),
+                           recipe.rollout.sync_check_max_bad, seed=train.seed)
+    sync_check(engine, policy, tokenizer.pad_token_id, dev, state.step, rank)
     if rank == 0:
         save_resolved(recipe, out, "ppo")
         ckpt.clean_partial(out / "checkpoints")
@@ -178,7 +183,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             samples, generate_seconds = step_rollouts.samples, step_rollouts.generate_seconds
             if step + 1 < train.steps:  # peek at the next rows; `state` moves on when that step takes them
                 rollouts.prefetch(step + 1, _next_prompt_rows(replace(state), len(prompts), train.prompts_per_step, train.seed))
-        samples = _broadcast(samples)
+        samples = broadcast_object(samples)
         per_rank = train.prompts_per_step // world
         local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
         local_rows = [rows[s.prompt_index] for s in samples[local]]
@@ -235,6 +240,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         t3 = time.perf_counter()
         sync_stats = sync_weights(engine, policy, version=step + 1)
         timings["sync"] = time.perf_counter() - t3
+        probe_error = sync_check(engine, policy, tokenizer.pad_token_id, dev, step + 1, rank)
 
         # ---- 6. metrics, KL controller, checkpoint, evaluation
         seq_kl = float(kl_tokens.sum(1).mean())
@@ -249,6 +255,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             "ppo/response_length": float(mask.sum(1).mean()),
             "ppo/truncation_rate": sum(r == "length" for r in batch.finish_reasons) / len(batch),
             "ppo/logprob_mismatch": token_mult_prob_error(batch.sampler_logp, batch.old_logp, mask),
+            "sync/probe_mult_prob_error": probe_error,
             "rollout/staleness": float(step - batch.weight_version),
             **train_stats,
         }
@@ -265,7 +272,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
         tokens = all_reduce_sum(float(mask.sum()))
         metrics["perf/tokens_per_s"] = tokens / timings["step"]
         if sync_stats is not None:
-            metrics["sync/seconds"], metrics["sync/bytes"] = sync_stats.seconds, float(sync_stats.bytes)
+            metrics.update({"sync/seconds": sync_stats.seconds, "sync/bytes": float(sync_stats.bytes),
+                            "sync/tensors": float(sync_stats.tensors)})
 
         state.step += 1
         if recipe.eval is not None and (state.step % recipe.eval_every == 0 or state.step == train.steps):
@@ -425,14 +433,6 @@ def _next_prompt_rows(state: LoopState, n_rows: int, count: int, seed: int) -> l
         if state.data_offset >= n_rows:
             state.data_epoch, state.data_offset = state.data_epoch + 1, 0
     return rows
-
-
-def _broadcast(obj):
-    if dist.get_world_size() == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def _all_gather(t: torch.Tensor) -> torch.Tensor:

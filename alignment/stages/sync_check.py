@@ -1,0 +1,57 @@
+"""After every weight sync: does the rollout engine now run the trainer's weights?
+
+A sync can be silently wrong (a tensor the engine did not take, a layer it did not re-process, a dtype it rounds
+to), and then the run samples from weights the trainer does not have. `ppo/logprob_mismatch` cannot tell: in async
+mode it also measures one update of staleness. So right after each sync the engine samples a few short answers to
+fixed prompts and the trainer scores the same tokens with the weights it just sent: their token_mult_prob_error
+must stay under a tolerance. Over it, a loud warning; `max_bad` syncs in a row, a UserError naming the likely causes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignment.errors import UserError
+from alignment.ppo.batch import RolloutBatch
+from alignment.ppo.forward import policy_forward
+from alignment.ppo.mismatch import token_mult_prob_error
+from alignment.training import broadcast_object
+from rollout import SamplingConfig
+
+PROBE_PROMPTS = 4
+PROBE_TOKENS = 8
+
+
+class SyncCheck:
+    """Call on every rank right after each sync, while the engine is idle; returns the probe's error."""
+
+    def __init__(self, prompt_ids: list[list[int]], tolerance: float, max_bad: int, seed: int):
+        self.prompt_ids = prompt_ids[:PROBE_PROMPTS]
+        self.tolerance, self.max_bad = tolerance, max_bad
+        self.sampling = SamplingConfig(n=1, temperature=1.0, max_new_tokens=PROBE_TOKENS, seed=seed)
+        self.bad = 0
+
+    @torch.no_grad()
+    def __call__(self, engine, policy, pad_id: int, device: torch.device, version: int, rank: int) -> float:
+        samples = engine.generate(self.prompt_ids, self.sampling) if rank == 0 else None
+        batch = RolloutBatch.from_samples(broadcast_object(samples), list(range(len(self.prompt_ids))))
+        inputs = batch.model_inputs(torch.arange(len(batch)), pad_id, device)
+        trainer_logp = policy_forward(policy, inputs, temperature=1.0)[0].float().cpu()  # every rank: ZeRO-3 gathers
+        n = inputs.completion_len
+        error = token_mult_prob_error(batch.sampler_logp[:, :n], trainer_logp, batch.mask[:, :n])
+        if error <= self.tolerance:
+            self.bad = 0
+            return error
+        self.bad += 1
+        if rank == 0:
+            print(f"WARNING: after weight sync {version} the rollout engine's token probabilities differ from the "
+                  f"trainer's by a factor of {error:.4f} per token on fixed probe prompts (tolerance "
+                  f"{self.tolerance}); {self.bad} such sync(s) in a row", flush=True)
+        if self.bad >= self.max_bad:
+            raise UserError(
+                f"stopping: {self.bad} consecutive weight syncs left the rollout engine sampling from other weights than "
+                f"the trainer's (probe token_mult_prob_error {error:.4f} > rollout.sync_check_tolerance "
+                f"{self.tolerance}). Likely causes: the engine runs another dtype than the policy (rollout.dtype vs "
+                "policy.dtype), the engine was started from another checkpoint or architecture than the policy, or a "
+                "tensor of the policy did not reach the engine (see sync/tensors in metrics.jsonl)")
+        return error
