@@ -130,6 +130,14 @@ class VLLMEngine:
             llm_kwargs.setdefault("weight_transfer_config", WeightTransferConfig(backend="nccl"))
         if gpu_memory_utilization is not None:
             llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if on_cpu:
+            # No prefill may be split across engine steps on CPU. vLLM samples a token for a partly prefilled request,
+            # discards it and rewinds that request's seeded generator (`set_offset`), which CPU generators do not
+            # support: the engine died ("CPU Generator does not use offset") as soon as one step's prompts exceeded the
+            # default budget of 4096 tokens (e.g. 32 prompts x 8 samples x 20 tokens). A budget of every running
+            # sequence at full length means no prompt is ever cut.
+            llm_kwargs.setdefault("max_num_seqs", 256)
+            llm_kwargs.setdefault("max_num_batched_tokens", llm_kwargs["max_num_seqs"] * max_model_len)
         self.model = str(model)
         self.llm = LLM(
             model=self.model,

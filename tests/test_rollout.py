@@ -298,6 +298,15 @@ def test_vllm_seed_stop_and_token_prompts(vllm_engine):
         assert cut.text == plain.text[: plain.text.index(stop)]
 
 
+def test_vllm_cpu_step_larger_than_the_default_token_budget(vllm_engine):
+    """32 prompts x 8 samples x 40 prompt tokens (10240 prefill tokens > vLLM's default budget of 4096): on CPU a
+    split prefill killed the engine (a seeded CPU generator cannot rewind); seeded sampling stays reproducible."""
+    prompts = [[5 + (i + k) % 60 for k in range(40)] for i in range(32)]
+    sampling = SamplingConfig(n=8, temperature=1.0, max_new_tokens=8, seed=3)
+    first, again = vllm_engine.generate(prompts, sampling), vllm_engine.generate(prompts, sampling)
+    assert len(first) == 256 and [s.completion_ids for s in first] == [s.completion_ids for s in again]
+
+
 def test_vllm_versions_follow_alternating_syncs(vllm_engine, tiny_dir):
     sets = {"A": random_weights(tiny_dir, seed=3), "B": random_weights(tiny_dir, seed=4)}
     hf = {k: load_hf(tiny_dir, v) for k, v in sets.items()}
