@@ -245,3 +245,49 @@ def test_subprocess_error_has_no_traceback(tmp_path):
         f"error: {path}: train.max_steps: expected an integer, got 'lots'",
     ]
     assert not (tmp_path / "out").exists()
+
+
+# -- a stage that stops on bad data leaves its output directory as it was --------------------------
+
+MALFORMED_SFT_ROWS = [
+    ['{"prompt": [}'],
+    [{"prompt": user("q"), "completion": assistant("a")}, {"prompt": user("q2")}],
+    [{"messages": [{"role": "human", "content": "q"}]}],
+    [{"prompt": "q", "completion": 7}],
+    [],
+]
+MALFORMED_PAIRS = [
+    [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "1,5"}],
+    [{"prompt": "q", "chosen": "a"}],
+]
+
+
+def _snapshot(directory):
+    """Every file under `directory` with its bytes and modification time (None when the directory is absent)."""
+    if not directory.exists():
+        return None
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("existing_run", [False, True], ids=["absent", "existing-run"])
+def test_bad_data_leaves_the_output_directory_as_it_was(capsys, tmp_path, tiny_paths, existing_run):
+    out = tmp_path / "run"
+    if existing_run:  # another run's files: none may change
+        write_yaml(out / "recipe.yaml", {"stage": "sft", "note": "the earlier run's recipe"})
+        write_jsonl(out / "metrics.jsonl", [{"step": 1, "train/loss": 1.0}])
+        (out / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+        (out / "checkpoints" / "checkpoint-1" / "state.json").write_text("{}")
+    before = _snapshot(out)
+    cases = ([("sft", rows) for rows in MALFORMED_SFT_ROWS] + [("rm", rows) for rows in MALFORMED_PAIRS]
+             + [("ppo", [{"prompt": "q", "item": "phone"}, {"item": "laptop"}])])
+    for i, (stage, rows) in enumerate(cases):
+        data = write_jsonl(tmp_path / f"bad{i}.jsonl", rows)
+        raw = {"stage": stage, "model": {"name_or_path": str(tiny_paths.base)}, "data": {"sources": [{"path": str(data)}]},
+               "output": {"dir": str(out)}}
+        if stage == "ppo":
+            raw = {"stage": "ppo", "policy": {"name_or_path": str(tiny_paths.base)}, "prompts": {"sources": [{"path": str(data)}]},
+                   "rewards": [{"kind": "function", "function": "alignment.tiny.task:gold_reward"}], "rollout": {"engine": "hf"},
+                   "algorithm": {"advantage": "grpo"}, "train": {"steps": 1}, "output": {"dir": str(out)}}
+        code, err, _ = run_cli(capsys, stage, write_yaml(tmp_path / f"{stage}{i}.yaml", raw))
+        assert code == 2 and err and all(line.startswith("error: ") for line in err), (stage, rows, err)
+        assert _snapshot(out) == before, (stage, rows)

@@ -56,24 +56,30 @@ def setup_distributed() -> bool:
 
 @dataclass
 class StageStart:
-    """What every TRL-based stage sets up before its data: world, output layout, resume point, logger, tokenizer."""
+    """What every TRL-based stage sets up before its data, without writing anything: world, output layout, resume
+    point, tokenizer. `open_output` then prepares the directory, once the data has proven usable."""
 
     configured_state: bool  # we configured accelerate's state ourselves (CPU + DeepSpeed): see setup_distributed
     layout: RunLayout
     resume: Path | None  # checkpoint to resume from; None for a fresh start
-    logger: MetricsLogger
     tokenizer: object
 
 
-def start_stage(recipe, stage: str) -> StageStart:
-    """Fix accelerate's world view, prepare the output directory (resume point, leftovers of a killed run),
-    save the resolved recipe, open the metrics logger and load the tokenizer."""
+def start_stage(recipe) -> StageStart:
+    """Fix accelerate's world view, find the resume point and load the tokenizer. Writes nothing: a start that fails
+    on bad data or a bad model leaves `output.dir` as it was (absent, or another run's files untouched)."""
     configured_state = setup_distributed()
     layout = RunLayout(Path(recipe.output.dir))
-    resume = prepare_output(layout, recipe.output)
+    resume = latest_checkpoint(layout.checkpoints) if recipe.output.resume else None
+    return StageStart(configured_state, layout, resume, models.load_tokenizer(recipe.model))
+
+
+def open_output(start: StageStart, recipe, stage: str) -> MetricsLogger:
+    """After the data is validated: clean leftovers of a killed run, save the resolved recipe, open the metrics logger."""
+    prepare_output(start.layout, recipe.output, start.resume)
     if distributed.is_main():
-        save_resolved(recipe, layout.root, stage)
-    return StageStart(configured_state, layout, resume, make_logger(layout), models.load_tokenizer(recipe.model))
+        save_resolved(recipe, start.layout.root, stage)
+    return make_logger(start.layout)
 
 
 # ----------------------------------------------------------------------------- layout and resume
@@ -108,13 +114,12 @@ class RunLayout:
         return self.root / "summary.json"
 
 
-def prepare_output(layout: RunLayout, output: OutputSection) -> Path | None:
-    """Clean leftovers of a killed run and return the checkpoint to resume from (None: fresh start).
+def prepare_output(layout: RunLayout, output: OutputSection, resume: Path | None) -> None:
+    """Clean leftovers of a killed run before resuming from `resume` (None: a fresh start).
 
     Rank 0 removes the staging dir (half-written checkpoints never reach `checkpoints/`) and cuts
     metrics.jsonl back to the resumed step, so the logged curve continues without duplicates.
     """
-    resume = latest_checkpoint(layout.checkpoints) if output.resume else None
     if distributed.is_main():
         shutil.rmtree(layout.staging, ignore_errors=True)
         for p in layout.root.glob(".tmp-*"):
@@ -126,7 +131,6 @@ def prepare_output(layout: RunLayout, output: OutputSection) -> Path | None:
             step = _checkpoint_step(resume) if resume is not None else 0
             _truncate_metrics(layout.metrics, step, keep_step_zero=resume is not None)
     distributed.barrier()
-    return resume
 
 
 def _checkpoint_step(path: Path) -> int:

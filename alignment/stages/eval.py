@@ -48,13 +48,12 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
 
     t0 = time.perf_counter()
     out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(recipe, out, "eval")
 
-    # ---- 1. prompts and policies
+    # ---- 1. prompts and policies; the output directory is written only once they are usable
     rows = load_prompt_rows(recipe.prompts)
     policies = resolve_policies(recipe.policies, recipe.run)
     reference = _reference(recipe, policies)
+    save_resolved(recipe, out, "eval")
     n, P = recipe.sampling.samples_per_prompt, len(rows)
     sampling = recipe.sampling.to_config()
     print(f"eval: {len(policies)} policies x {P} prompts x {n} samples; KL reference: {reference.name}", flush=True)

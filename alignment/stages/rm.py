@@ -27,16 +27,17 @@ def run(recipe: RMRecipe) -> dict:
     from alignment.data import load_stage_data
     from reward.scoring import STATS_FILE, RewardModelScorer
 
-    # ---- setup: world, output layout, resume point
-    start = common.start_stage(recipe, "rm")
-    configured_state, layout, resume, logger, tokenizer = (
-        start.configured_state, start.layout, start.resume, start.logger, start.tokenizer)
+    # ---- setup: world, output layout, resume point (nothing written yet)
+    start = common.start_stage(recipe)
+    configured_state, layout, resume, tokenizer = start.configured_state, start.layout, start.resume, start.tokenizer
 
-    # ---- data: tokenise pairs ourselves so that over-long pairs are counted before anything drops them
+    # ---- data: tokenise pairs ourselves so that over-long pairs are counted before anything drops them;
+    # only once the data is usable does the output directory change
     data = load_stage_data(recipe.data, "preference", tokenizer)
     train, train_counts = tokenize_pairs(data.train, tokenizer, recipe.train.max_length, recipe.rm.overlong, recipe.rm.use_margin)
     evald, eval_counts = (tokenize_pairs(data.eval, tokenizer, recipe.train.max_length, recipe.rm.overlong, recipe.rm.use_margin)
                           if data.eval is not None else (None, None))
+    logger = common.open_output(start, recipe, "rm")
     summary: dict = {"resumed_from": str(resume) if resume else None, "overlong": {"train": train_counts, "eval": eval_counts}}
     if distributed.is_main():
         print(data.report.summary(), flush=True)

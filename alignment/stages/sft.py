@@ -26,17 +26,17 @@ def run(recipe: SFTRecipe) -> dict:
     from alignment.data import load_stage_data
     from alignment.evaluation.gold import gold_eval, gold_eval_path
 
-    # ---- setup: world, output layout, resume point
-    start = common.start_stage(recipe, "sft")
-    configured_state, layout, resume, logger, tokenizer = (
-        start.configured_state, start.layout, start.resume, start.logger, start.tokenizer)
+    # ---- setup: world, output layout, resume point (nothing written yet)
+    start = common.start_stage(recipe)
+    configured_state, layout, resume, tokenizer = start.configured_state, start.layout, start.resume, start.tokenizer
 
-    # ---- data
+    # ---- data; only once it is usable does the output directory change
     data = load_stage_data(recipe.data, "sft", tokenizer)
+    loss_flags = _loss_flags(recipe, data.train.column_names)
+    logger = common.open_output(start, recipe, "sft")
     if distributed.is_main():
         print(data.report.summary(), flush=True)
         (layout.root / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2, default=str))
-    loss_flags = _loss_flags(recipe, data.train.column_names)
     summary: dict = {"resumed_from": str(resume) if resume else None, "train_rows": len(data.train),
                      "eval_rows": len(data.eval) if data.eval is not None else 0}
 
