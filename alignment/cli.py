@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 
 from alignment.errors import UserError
@@ -155,13 +156,38 @@ def _check_data(recipe, attribute: str, kind: str) -> None:
     print(load_stage_data(data, kind, tokenizer).report.summary())
 
 
+# Libraries that reject a user's model, tokenizer or data with a plain exception (a chat template that raises, a
+# config transformers cannot read, a column TRL does not expect): such an exception is the user's to fix.
+USER_INPUT_LIBRARIES = ("transformers", "trl", "peft", "datasets", "tokenizers", "jinja2", "safetensors")
+
+
+def library_rejection(exc: BaseException) -> str | None:
+    """One line for an exception raised inside a library that reads the user's model or data; None otherwise.
+
+    ALIGNMENT_TRACEBACK=1 turns this off (the full traceback then shows)."""
+    if os.environ.get("ALIGNMENT_TRACEBACK") == "1" or not isinstance(exc, (ValueError, KeyError, OSError, TypeError)) \
+            and type(exc).__module__.split(".")[0] != "jinja2":
+        return None
+    frames = traceback.extract_tb(exc.__traceback__)
+    origin = frames[-1].filename.replace(os.sep, "/") if frames else ""
+    library = next((lib for lib in USER_INPUT_LIBRARIES if f"/site-packages/{lib}/" in origin), None)
+    if library is None:
+        return None
+    message = (str(exc).strip().splitlines() or [""])[0]
+    return (f"{library} rejected this run's model, tokenizer or data: {type(exc).__name__}: {message} "
+            "(ALIGNMENT_TRACEBACK=1 shows where)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _run(args)
-    except UserError as exc:
+    except Exception as exc:  # noqa: BLE001 (user mistakes become one line; anything else re-raises as it was)
+        message = str(exc) if isinstance(exc, UserError) else library_rejection(exc)
+        if message is None:
+            raise
         if os.environ.get("RANK", "0") == "0":  # under multi-process launch, say it once
-            for line in str(exc).splitlines():
+            for line in message.splitlines():
                 print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ an error naming both lengths.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -85,6 +86,14 @@ def fit_to_length(ids: list[int], answer_start: int, max_length: int, bos_id: in
     return head + ids[max(len(head), answer_start - prompt_room):]
 
 
+def rendering_of(tokenizer, conversational: bool) -> dict:
+    """How `encode` renders pairs of this kind: the record an RM keeps of what it was trained on."""
+    if not conversational:
+        return {"kind": "text"}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return {"kind": "chat_template", "chat_template_sha1": hashlib.sha1(template.encode()).hexdigest()}
+
+
 def read_stats(path: str | Path) -> dict | None:
     f = Path(path) / STATS_FILE
     return json.loads(f.read_text()) if f.is_file() else None
@@ -149,6 +158,8 @@ class RewardModelScorer:
         to fit is a UserError."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if prompts:
+            self.check_rendering(conversational=not isinstance(prompts[0], str))
         sequences = encode_many(self.tokenizer, prompts, completions)
         long_rows = [i for i, ids in enumerate(sequences) if len(ids) > self.max_length]
         if long_rows:
@@ -163,6 +174,25 @@ class RewardModelScorer:
                 sequences[i] = fitted
         self.last_trimmed = len(long_rows)
         return self.score_ids(sequences)
+
+    def check_rendering(self, conversational: bool) -> None:
+        """Refuse to score in another rendering than the RM was trained on (its reward_stats.json says which)."""
+        trained = (self.stats or {}).get("rendering")
+        if trained is None:  # an RM from before the record existed: nothing to compare
+            return
+        asked = rendering_of(self.tokenizer, conversational)
+        if trained == asked:
+            return
+        if trained["kind"] != asked["kind"]:
+            names = {"text": "plain text (prompt + answer + EOS)", "chat_template": "chat conversations (its chat template)"}
+            raise UserError(
+                f"reward model '{self.path}' was trained on {names[trained['kind']]} but is asked to score "
+                f"{names[asked['kind']]}; it would read a rendering it never learned. Give prompts in the format it was "
+                f"trained on ({'strings' if trained['kind'] == 'text' else 'message lists'}), or retrain it on "
+                f"{'conversational' if asked['kind'] == 'chat_template' else 'plain-text'} pairs (HH-style transcripts "
+                "are turned into conversations)")
+        raise UserError(f"reward model '{self.path}': its tokenizer's chat template is not the one it was trained with "
+                        "(reward_stats.json records another); restore the tokenizer files saved with the model")
 
     def answer_room(self) -> int:
         """The most answer tokens that fit beside a one-token prompt: max_length less the template's own tokens around

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def setup(tmp_path):
         ({"train": {"per_device_batch_size": 2.5}}, ["train.per_device_batch_size: expected an integer, got 2.5"]),
         ({"train": {"warmup_ratio": 1.5}}, ["train.warmup_ratio: must be <= 1.0, got 1.5"]),
         ({"output": None}, ["output: expected a mapping"]),
-        ({"sft": {"loss_on": "prompt"}}, ["sft.loss_on: must be one of completion, assistant, all; got 'prompt'"]),
+        ({"sft": {"loss_on": "prompt"}}, ["sft.loss_on: must be one of auto, completion, assistant, all; got 'prompt'"]),
         ({"model": {"name_or_path": "./missing-model"}}, ["model.name_or_path: path './missing-model' does not exist"]),
     ],
 )
@@ -291,3 +292,29 @@ def test_bad_data_leaves_the_output_directory_as_it_was(capsys, tmp_path, tiny_p
         code, err, _ = run_cli(capsys, stage, write_yaml(tmp_path / f"{stage}{i}.yaml", raw))
         assert code == 2 and err and all(line.startswith("error: ") for line in err), (stage, rows, err)
         assert _snapshot(out) == before, (stage, rows)
+
+
+def test_library_errors_from_a_users_model_or_data_are_one_line(capsys, tmp_path, tiny_paths):
+    """The tiny chat template refuses a system turn (jinja2), and a tokenizer without a chat template cannot render
+    messages (transformers): both stop with one `error:` line, and the output directory stays absent."""
+    import shutil
+
+    no_template = tmp_path / "no_template"
+    shutil.copytree(tiny_paths.base, no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    system = [{"messages": [{"role": "system", "content": "be kind"}, *user("q"), *assistant("a")]}] * 4
+    plain = [{"messages": [*user("q"), *assistant("a")]}] * 4
+    for model, rows, fragment in [(tiny_paths.base, system, "rejected this run's model, tokenizer or data"),
+                                  (no_template, plain, "chat_template")]:
+        out = tmp_path / "out"
+        data = write_jsonl(tmp_path / "data.jsonl", rows)
+        recipe = write_yaml(tmp_path / "r.yaml", {"stage": "sft", "model": {"name_or_path": str(model)},
+                                                   "data": {"sources": [{"path": str(data)}], "eval_fraction": 0.0},
+                                                   "output": {"dir": str(out)}})
+        code, err, _ = run_cli(capsys, "sft", recipe)
+        err = [line for line in err if line.strip() and "%|" not in line]  # datasets' progress bar shares stderr
+        assert_one_error(code, err, fragment)
+        assert not out.exists()

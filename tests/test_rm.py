@@ -91,6 +91,54 @@ def test_rm_scores_whole_answers_of_long_sequences_by_trimming_the_prompt(tiny_r
     assert 24 <= scorer.answer_room() < 64  # recipes/tiny/ppo.yaml's 24-token answers fit
 
 
+def test_hh_style_pairs_train_an_rm_that_ranks_the_same_through_the_ppo_reward_path(tiny_paths, tiny_sft, tmp_path):
+    """Preference pairs as HH-RLHF transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...") are read as conversations, so
+    the RM learns the chat-template rendering that PPO's chat prompts give it: scored through PPO's reward path
+    (prompts as messages, answers as strings) it ranks held-out pairs exactly as its own stage's evaluation did.
+    An RM asked to score another rendering than it learned refuses with one line."""
+    import shutil
+
+    import torch
+
+    from alignment.config.ppo import RewardSource
+    from alignment.errors import UserError
+    from reward.composite import CompositeReward
+
+    def hh(turns: list[dict]) -> str:
+        return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns)
+
+    rows = [json.loads(line) for line in tiny_paths.preferences.read_text().splitlines()]
+    hh_file = tmp_path / "hh.jsonl"
+    hh_file.write_text("".join(json.dumps({"chosen": hh(r["prompt"] + r["chosen"]), "rejected": hh(r["prompt"] + r["rejected"])}) + "\n"
+                               for r in rows))
+    out = tmp_path / "rm"
+    split = even_eval_split(hh_file, tmp_path / "split")
+    proc = run_stage("rm", RECIPE, _no_gold([*tiny_rm_overrides(tiny_paths, tiny_sft.final, out), *split]))
+    assert "HH-style transcripts" in proc.stdout
+    stage_accuracy = json.loads((out / "summary.json").read_text())["eval"]["accuracy"]
+    stats = json.loads((out / "final" / "reward_stats.json").read_text())
+    assert stats["rendering"]["kind"] == "chat_template"
+
+    held_out = [json.loads(line) for line in (tmp_path / "split" / "eval.jsonl").read_text().splitlines()]
+    conversations = [(r["chosen"].split("\n\nAssistant: ")[0].removeprefix("\n\nHuman: "),
+                      r["chosen"].split("\n\nAssistant: ")[1], r["rejected"].split("\n\nAssistant: ")[1]) for r in held_out]
+    reward = CompositeReward.from_recipe([RewardSource(kind="model", path=str(out / "final"), normalize=False)], torch.device("cpu"))
+    prompts = [[{"role": "user", "content": q}] for q, _, _ in conversations]  # how PPO's prompts come
+    chosen, _ = reward(prompts, [c for _, c, _ in conversations], {})
+    rejected, _ = reward(prompts, [r for _, _, r in conversations], {})
+    ppo_accuracy = float((chosen > rejected).float().mean())
+    print(f"\nHH-style RM: pairwise accuracy {stage_accuracy:.4f} in its stage, {ppo_accuracy:.4f} through PPO's reward path")
+    assert stage_accuracy > 0.7 and abs(ppo_accuracy - stage_accuracy) < 0.02
+
+    with pytest.raises(UserError, match=r"trained on chat conversations .* but is asked to score plain text"):
+        reward([q for q, _, _ in conversations[:2]], [c for _, c, _ in conversations[:2]], {})
+    as_text = tmp_path / "as_text"  # the same weights, recorded as a plain-text RM: chat prompts are refused
+    shutil.copytree(out / "final", as_text)
+    (as_text / "reward_stats.json").write_text(json.dumps({**stats, "rendering": {"kind": "text"}}))
+    with pytest.raises(UserError, match=r"trained on plain text .* but is asked to score chat conversations"):
+        CompositeReward.from_recipe([RewardSource(kind="model", path=str(as_text))], torch.device("cpu"))(prompts[:2], ["a", "b"], {})
+
+
 def test_rm_overlong_pairs_counted_then_dropped_or_truncated(tiny_paths):
     from datasets import Dataset
     from transformers import AutoTokenizer

@@ -42,6 +42,7 @@ class DataSource:
     name: str | None = option(None, help="hub dataset configuration name")
     weight: float = option(1.0, help="mixture weight: rows sampled in proportion to it", min=0.0)
     max_rows: int | None = option(None, help="read at most this many rows", min=1)
+    columns: dict = option({}, help="rename this source's columns to the stage's, e.g. {question: prompt, answer: completion}")
 
 
 @recipe

@@ -10,8 +10,9 @@ from alignment.config.sections import DataSection, GoldEvalSection, ModelSection
 
 @recipe
 class SFTOptions:
-    loss_on: Literal["completion", "assistant", "all"] = option(
-        "completion", help="tokens that carry loss: the completion only, assistant turns only, or every token"
+    loss_on: Literal["auto", "completion", "assistant", "all"] = option(
+        "auto", help="tokens that carry loss: the completion only (prompt/completion data), assistant turns only "
+        "(messages; no {% generation %} markers needed), or every token; auto: completion, assistant or all by format"
     )
     packing: bool = option(False, help="pack several examples into each sequence")
     merge_lora_on_export: bool = option(True, help="merge LoRA adapters into the base weights in the final export")

@@ -17,8 +17,14 @@ Kinds and the formats each accepts (a "message list" is a non-empty list of
                                                  Full conversations in chosen/rejected take this path
                                                  even when a string `prompt` column is also present.
               optional numeric `margin` (if the first row has it, every row must)
-  prompt      `prompt` (string or message list); every other column is kept (gold labels for
-              reward functions) and must appear in every row of the source.
+              HH-style transcripts (chosen/rejected strings "\n\nHuman: ...\n\nAssistant: ...", Anthropic's
+              HH-RLHF format) are turned into conversations and take the implicit-prompt path, so a reward
+              model trained on them reads the chat-template renderings a chat policy's PPO gives it.
+  prompt      `prompt` (string or message list), or `messages` (a conversation ending in a user turn);
+              every other column is kept (gold labels for reward functions) and must appear in every
+              row of the source. An HH-style prompt ("\n\nHuman: ...\n\nAssistant:") becomes messages.
+
+A source's own column names map onto these with `columns` in its recipe entry (see load.py).
 
 The first row of a source fixes its format; a later row in another format is malformed. Columns a
 format does not use are dropped (sft, preference) and listed in the report.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from alignment.data.sources import MalformedRow
@@ -63,6 +70,7 @@ class Normaliser:
     ignored_columns: set[str] = field(default_factory=set)
     prompts_extracted: int = 0
     prompt_column_ignored: int = 0   # rows whose string `prompt` was ignored for whole conversations
+    hh_transcripts: int = 0          # rows whose HH-style transcripts were turned into conversations
 
     @property
     def format(self) -> Format | None:
@@ -117,6 +125,10 @@ class Normaliser:
         if self.has_margin is None:
             self.has_margin = "margin" in row
         self._ignore(row, ("prompt", "chosen", "rejected", "margin"))
+        hh = hh_messages(row.get("chosen")), hh_messages(row.get("rejected"))
+        if hh[0] is not None and hh[1] is not None:
+            row = {**row, "chosen": hh[0], "rejected": hh[1]}
+            self.hh_transcripts += 1
         chosen, conv = _text_or_messages(_get(row, "chosen"), "chosen")
         rejected = _get(row, "rejected")
         rejected = _messages(rejected, "rejected", prompt_field="chosen") if conv else _text(rejected, "rejected", prompt_field="chosen")
@@ -151,9 +163,16 @@ class Normaliser:
     # -- prompt ------------------------------------------------------------------------------
     def _prompt(self, row: dict) -> dict:
         self.layout = "prompt"
-        prompt, conv = _text_or_messages(_get(row, "prompt"), "prompt")
-        self._style(conv, "prompt")
-        extras = tuple(sorted(k for k in row if k != "prompt"))
+        key = "messages" if "prompt" not in row and "messages" in row else "prompt"
+        prompt, conv = _text_or_messages(_get(row, key), key)
+        if not conv and (hh := hh_messages(prompt)) is not None:
+            prompt, conv = (hh[:-1] if hh[-1] == {"role": "assistant", "content": ""} else hh), True
+            self.hh_transcripts += 1
+        if conv and prompt[-1]["role"] != "user":
+            raise MalformedRow(f"'{key}' ends with a(n) {prompt[-1]['role']} turn; a prompt conversation ends with the "
+                               "user turn to answer")
+        self._style(conv, key)
+        extras = tuple(sorted(k for k in row if k != key))
         if self.extra_columns is None:
             self.extra_columns = extras
         elif extras != self.extra_columns:
@@ -251,6 +270,22 @@ def _number(value: object, key: str) -> float:
     if not math.isfinite(value):
         raise MalformedRow(f"'{key}' must be a finite number, got {value!r}")
     return float(value)
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def hh_messages(value: object) -> list[dict] | None:
+    """An HH-style transcript ("\n\nHuman: ...\n\nAssistant: ...", Anthropic's HH-RLHF) as messages; None when
+    `value` is not one (it must start with a turn marker and hold both a Human and an Assistant turn)."""
+    if not isinstance(value, str):
+        return None
+    turns = list(_HH_TURN.finditer(value))
+    if not turns or turns[0].start() != 0 or {t.group(1) for t in turns} != {"Human", "Assistant"}:
+        return None
+    ends = [t.start() for t in turns[1:]] + [len(value)]
+    return [{"role": "user" if t.group(1) == "Human" else "assistant", "content": value[t.end() : end].strip()}
+            for t, end in zip(turns, ends)]
 
 
 def _split_conversations(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:

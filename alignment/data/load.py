@@ -113,9 +113,10 @@ def _read(spec: DataSource, role: str, kind: str, data: DataSection, cleaner: Cl
     for problem in raw.problems:
         _skip(problem, source, report)
     normalise = Normaliser(kind)
+    rename = _column_mapping(spec)
     for item in raw.rows:
         try:
-            row = normalise(item.value)
+            row = normalise(rename(item.value))
         except MalformedRow as exc:
             if data.on_malformed == "error":
                 raise DataError(f"{item.where}: {exc}") from None
@@ -135,6 +136,11 @@ def _read(spec: DataSource, role: str, kind: str, data: DataSection, cleaner: Cl
     source.format = normalise.format
     if normalise.ignored_columns:
         report.notes.append(f"{spec.path}: columns not used: {', '.join(sorted(map(str, normalise.ignored_columns)))}")
+    if spec.columns:
+        report.notes.append(f"{spec.path}: columns renamed: {', '.join(f'{a} -> {b}' for a, b in spec.columns.items())}")
+    if normalise.hh_transcripts:
+        report.notes.append(f"{spec.path}: {normalise.hh_transcripts} rows held HH-style transcripts "
+                            "('\\n\\nHuman: ... \\n\\nAssistant: ...'); they were turned into conversations")
     if normalise.prompts_extracted:
         report.notes.append(f"{spec.path}: prompt extracted from chosen/rejected in {normalise.prompts_extracted} rows")
     if normalise.prompt_column_ignored:
@@ -143,6 +149,29 @@ def _read(spec: DataSource, role: str, kind: str, data: DataSection, cleaner: Cl
             f"and the 'prompt' column was ignored in {normalise.prompt_column_ignored} rows"
         )
     return source
+
+
+def _column_mapping(spec: DataSource):
+    """A function renaming a row's columns as `spec.columns` says (source name -> stage name)."""
+    mapping = spec.columns
+    bad = [f"{k!r}: {v!r}" for k, v in mapping.items() if not (isinstance(k, str) and isinstance(v, str) and k and v)]
+    if bad:
+        raise DataError(f"data source '{spec.path}': columns must map column names to column names, got {', '.join(bad)}")
+    targets = list(mapping.values())
+    if len(set(targets)) != len(targets):
+        raise DataError(f"data source '{spec.path}': columns maps two columns onto one ({mapping})")
+    if not mapping:
+        return lambda row: row
+
+    def rename(row):
+        if not isinstance(row, dict):
+            return row
+        clashes = [mapping[k] for k in mapping if k in row and mapping[k] in row and mapping[k] not in mapping]
+        if clashes:
+            raise MalformedRow(f"has both '{clashes[0]}' and a column renamed to it")
+        return {mapping.get(k, k): v for k, v in row.items()}
+
+    return rename
 
 
 def _skip(message: str, source: _Source, report: DataReport) -> None:

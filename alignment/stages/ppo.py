@@ -127,7 +127,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
         critic = train_engine(TokenValueModel(load_value_model(recipe.value)), train.critic_learning_rate)
     reference = make_inference_model(load_causal_lm(recipe.reference or recipe.policy), zero)
     reward = CompositeReward.from_recipe(recipe.rewards, dev)
-    for name, scorer in reward.scorers.items():  # a whole answer must fit the RM: it is never scored on a prefix
+    for name, scorer in reward.scorers.items():
+        scorer.check_rendering(conversational=not isinstance(prompt_columns["prompt"][0], str))
+        # a whole answer must fit the RM: it is never scored on a prefix
         if sampling_cfg.max_new_tokens > (room := scorer.answer_room()):
             raise UserError(f"rewards.{name.split('_')[0]}: the reward model '{scorer.path}' reads at most {scorer.max_length} "
                             f"tokens, room for answers of {room} beside its template, so answers of "

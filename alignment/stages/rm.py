@@ -25,7 +25,7 @@ def run(recipe: RMRecipe) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from alignment.data import load_stage_data
-    from reward.scoring import STATS_FILE, RewardModelScorer
+    from reward.scoring import STATS_FILE, RewardModelScorer, rendering_of
 
     # ---- setup: world, output layout, resume point (nothing written yet)
     start = common.start_stage(recipe)
@@ -89,7 +89,9 @@ def run(recipe: RMRecipe) -> dict:
         n = min(recipe.rm.stats_max_pairs, len(train))
         rewards = torch.cat([scorer.score_ids(list(train[:n]["chosen_ids"])), scorer.score_ids(list(train[:n]["rejected_ids"]))])
         stats = {"mean": rewards.mean().item(), "std": rewards.std().item(), "num_rewards": len(rewards),
-                 "max_length": recipe.train.max_length}
+                 "max_length": recipe.train.max_length,
+                 # how pairs were rendered: every consumer (PPO, eval, labelers) must render the same way
+                 "rendering": rendering_of(tokenizer, data.format.conversational)}
         for target in [final] + ([layout.adapter] if layout.adapter.exists() else []):
             _write_json(target / STATS_FILE, stats)
         summary["reward_stats"] = stats

@@ -9,6 +9,7 @@ adapter/ (LoRA), metrics.jsonl, tensorboard/, summary.json.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,10 +33,14 @@ def run(recipe: SFTRecipe) -> dict:
 
     # ---- data; only once it is usable does the output directory change
     data = load_stage_data(recipe.data, "sft", tokenizer)
-    loss_flags = _loss_flags(recipe, data.train.column_names)
+    loss_on, loss_flags = _loss_setup(recipe, data.format.layout)
+    if loss_on == "assistant":  # turn boundaries rendered here, so any chat template works
+        data = replace(data, train=assistant_masked(data.train, tokenizer),
+                       eval=assistant_masked(data.eval, tokenizer) if data.eval is not None else None)
     logger = common.open_output(start, recipe, "sft")
     if distributed.is_main():
         print(data.report.summary(), flush=True)
+        print(f"sft: loss on: {loss_on}", flush=True)
         (layout.root / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2, default=str))
     summary: dict = {"resumed_from": str(resume) if resume else None, "train_rows": len(data.train),
                      "eval_rows": len(data.eval) if data.eval is not None else 0}
@@ -128,18 +133,54 @@ def completion_nll(model, examples) -> list[float]:
     return out
 
 
-def _loss_flags(recipe: SFTRecipe, columns: list[str]) -> dict:
-    """TRL's loss-masking flags for `sft.loss_on`."""
-    if recipe.sft.loss_on == "completion":
-        if "prompt" not in columns or "completion" not in columns:
-            raise RecipeError(
-                f"sft.loss_on: 'completion' needs prompt/completion data, but the data has columns {columns}; "
-                "use 'assistant' for chat messages or 'all' for plain text"
-            )
-        return {"completion_only_loss": True, "assistant_only_loss": False}
-    if recipe.sft.loss_on == "assistant":
-        return {"completion_only_loss": False, "assistant_only_loss": True}
-    return {"completion_only_loss": False, "assistant_only_loss": False}
+LOSS_ON_BY_FORMAT = {"prompt_completion": "completion", "messages": "assistant", "text": "all"}
+
+
+def _loss_setup(recipe: SFTRecipe, layout: str) -> tuple[str, dict]:
+    """`sft.loss_on` resolved against the data's format, and TRL's loss-masking flags for it."""
+    loss_on = LOSS_ON_BY_FORMAT[layout] if recipe.sft.loss_on == "auto" else recipe.sft.loss_on
+    needs = {"completion": "prompt_completion", "assistant": "messages"}.get(loss_on)
+    if needs is not None and layout != needs:
+        names = {"prompt_completion": "prompt/completion", "messages": "chat messages", "text": "plain text"}
+        raise RecipeError(f"sft.loss_on: '{loss_on}' needs {names[needs]} data, but the data is {names[layout]}; "
+                          f"use '{LOSS_ON_BY_FORMAT[layout]}' (or 'auto')")
+    # Assistant masks come with the tokenized data (`assistant_masked`), which TRL applies as given.
+    return loss_on, {"completion_only_loss": loss_on == "completion", "assistant_only_loss": False}
+
+
+def assistant_masked(dataset, tokenizer):
+    """Tokenize conversations with `assistant_masks` = 1 on the tokens of every assistant turn (its end-of-turn
+    tokens included), found by rendering each turn's prefix, as TRL's prompt/completion path does: the tokens of
+    messages[:i] + the assistant header are followed, in the whole rendering, by turn i's tokens up to where the
+    rendering of messages[:i+1] ends. No `{% generation %}` markers are needed in the chat template."""
+
+    def encode(row):
+        messages = row["messages"]
+        ids = _render(tokenizer, messages)
+        mask = [0] * len(ids)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = _common_prefix(ids, _render(tokenizer, messages[:i], add_generation_prompt=True))
+            end = _common_prefix(ids, _render(tokenizer, messages[: i + 1]))
+            mask[start:end] = [1] * (end - start)
+        return {"input_ids": ids, "assistant_masks": mask}
+
+    return dataset.map(encode, remove_columns=dataset.column_names, desc="rendering assistant turns")
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    if not messages:
+        return []
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                              return_dict=True)["input_ids"])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _print_summary(summary: dict, final) -> None:
