@@ -63,7 +63,7 @@ def test_sft_default_recipe_trains_on_every_format(tiny_paths, tmp_path):
     for name, data in _sft_variants(tiny_paths, tmp_path).items():
         out = tmp_path / name
         proc = run_stage("sft", REPO / "recipes/tiny/sft.yaml",
-                         [f"model.name_or_path={tiny_paths.base}", f"output.dir={out}", "sft.loss_on=auto", "gold_eval=null",
+                         [f"model.name_or_path={tiny_paths.base}", f"output.dir={out}", "gold_eval=null",
                           "train.max_steps=12", *data])
         summary = json.loads((out / "summary.json").read_text())
         assert summary["eval_loss_after"] < summary["eval_loss_before"], (name, summary)

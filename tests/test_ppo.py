@@ -119,15 +119,16 @@ def test_importance_weights_compare_the_trainers_logprobs_with_the_samplers(tiny
     import alignment.stages.ppo as stage
 
     steps: list[dict] = []
+    latest: dict = {}  # the samples of the last batch built (the step's, then the sync check's probe)
     from_samples, score_tokens, tis = stage.RolloutBatch.from_samples, stage._score_tokens, stage.truncated_is_weights
 
     def spy_from_samples(samples, rows):
-        steps.append({"samples": samples})
+        latest["samples"] = samples
         return from_samples(samples, rows)
 
-    def spy_score_tokens(batch, *args, **kwargs):
+    def spy_score_tokens(batch, *args, **kwargs):  # right after the step's batch is built
         score_tokens(batch, *args, **kwargs)
-        steps[-1]["trainer_logp"] = batch.old_logp.clone()
+        steps.append({"samples": latest["samples"], "trainer_logp": batch.old_logp.clone()})
 
     def spy_tis(old_logp, sampler_logp, cap):
         steps[-1]["tis_inputs"] = (old_logp.clone(), sampler_logp.clone())

@@ -24,7 +24,6 @@ def run(recipe: SFTRecipe) -> dict:
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from alignment.data import load_stage_data
     from alignment.evaluation.gold import gold_eval, gold_eval_path
 
     # ---- setup: world, output layout, resume point (nothing written yet)
@@ -32,11 +31,7 @@ def run(recipe: SFTRecipe) -> dict:
     configured_state, layout, resume, tokenizer = start.configured_state, start.layout, start.resume, start.tokenizer
 
     # ---- data; only once it is usable does the output directory change
-    data = load_stage_data(recipe.data, "sft", tokenizer)
-    loss_on, loss_flags = _loss_setup(recipe, data.format.layout)
-    if loss_on == "assistant":  # turn boundaries rendered here, so any chat template works
-        data = replace(data, train=assistant_masked(data.train, tokenizer),
-                       eval=assistant_masked(data.eval, tokenizer) if data.eval is not None else None)
+    data, loss_on, loss_flags = _training_data(recipe, tokenizer)
     logger = common.open_output(start, recipe, "sft")
     if distributed.is_main():
         print(data.report.summary(), flush=True)
@@ -133,6 +128,18 @@ def completion_nll(model, examples) -> list[float]:
     return out
 
 
+def _training_data(recipe: SFTRecipe, tokenizer):
+    """The stage's data as the trainer takes it, `sft.loss_on` resolved, and TRL's loss flags for it."""
+    from alignment.data import load_stage_data
+
+    data = load_stage_data(recipe.data, "sft", tokenizer)
+    loss_on, loss_flags = _loss_setup(recipe, data.format.layout)
+    if loss_on == "assistant":  # turn boundaries rendered here, so any chat template works
+        data = replace(data, train=assistant_masked(data.train, tokenizer),
+                       eval=assistant_masked(data.eval, tokenizer) if data.eval is not None else None)
+    return data, loss_on, loss_flags
+
+
 LOSS_ON_BY_FORMAT = {"prompt_completion": "completion", "messages": "assistant", "text": "all"}
 
 
@@ -203,17 +210,15 @@ def eval_loss(model_dir: str | Path, recipe: SFTRecipe) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from alignment.data import load_stage_data
-
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    data = load_stage_data(recipe.data, "sft", tokenizer)
+    data, _, loss_flags = _training_data(recipe, tokenizer)
     if data.eval is None:
         raise RecipeError("data: no held-out split to evaluate on (set data.eval_fraction or data.eval_sources)")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=models.DTYPES[recipe.model.dtype])
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, per_device_eval_batch_size=recipe.train.per_device_batch_size, max_length=recipe.train.max_length,
                          bf16=recipe.model.dtype == "bfloat16", fp16=recipe.model.dtype == "float16", report_to=[], disable_tqdm=True,
-                         **_loss_flags(recipe, data.train.column_names))
+                         **loss_flags)
         trainer = SFTTrainer(model=model, args=args, train_dataset=data.train.select(range(1)), eval_dataset=data.eval,
                              processing_class=tokenizer)
         return trainer.evaluate()["eval_loss"]
