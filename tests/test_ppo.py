@@ -103,7 +103,8 @@ def test_other_estimators_run_and_move_the_policy(advantage, tiny_paths, tiny_sf
     out = tmp_path / advantage
     recipe = load_recipe(TINY_PPO.parent / "ppo_grpo.yaml", PPORecipe,
                          [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out, critic=False),
-                          f"algorithm.advantage={advantage}", "train.steps=2", "eval=null"])
+                          f"algorithm.advantage={advantage}", "train.steps=2", "eval=null",
+                          f"train.gradient_checkpointing={advantage == 'rloo'}"])  # the stage runs with checkpointing too
     run(recipe, engine=vllm_engine)
     metrics = read_metrics(out)
     assert metrics[-1]["ppo/kl"] > 0 and all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics)
@@ -373,3 +374,52 @@ def test_running_reward_normalization(tiny_paths, tiny_sft, tiny_rm, vllm_engine
     assert first["ppo/score"] == pytest.approx(0.0, abs=1e-5)  # step 1 is standardised by its own moments
     saved = json.loads((out / "checkpoints" / "checkpoint-2" / "loop_state.json").read_text())["running_reward"]
     assert saved["count"] == 2 * 32 * 4  # every sample of both steps
+
+
+@pytest.mark.parametrize("kind", ["policy", "critic"])
+def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_paths, kind, monkeypatch):
+    """train.gradient_checkpointing recomputes every decoder layer in backward (each runs twice) and changes
+    neither the loss nor any gradient."""
+    import torch
+
+    from transformers.models.llama import modeling_llama
+
+    from alignment.config.sections import ModelSection
+    from alignment.models import enable_gradient_checkpointing, load_causal_lm, load_value_model
+    from alignment.ppo.batch import RolloutBatch
+    from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
+    from rollout.types import Sample
+
+    samples = [Sample(prompt_index=i, prompt_ids=[2, 23 + i, 73, 36], completion_ids=[73, 36 + i, 39, 4][: 2 + i],
+                      text="", logprobs=[0.0] * (2 + i), finish_reason="stop", weight_version=0) for i in range(3)]
+    batch = RolloutBatch.from_samples(samples, [0, 1, 2])
+    inputs = batch.model_inputs(torch.arange(3), pad_id=0, device=torch.device("cpu"))
+    mask = batch.mask[:, : inputs.completion_len]
+
+    layer_calls = []  # MLP forwards of the tiny Llama's decoder layers (module hooks do not see the recompute)
+    mlp_forward = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: layer_calls.append(1) or mlp_forward(self, x))
+
+    def loss_and_grads(checkpointing: bool):
+        section = ModelSection(name_or_path=str(tiny_paths.base))
+        torch.manual_seed(0)  # the critic's score head is new: the same init both times
+        model = load_causal_lm(section) if kind == "policy" else TokenValueModel(load_value_model(section))
+        if checkpointing:
+            enable_gradient_checkpointing(model if kind == "policy" else model.inner)
+        model.train()
+        layer_calls.clear()
+        if kind == "policy":
+            logp, entropy = policy_forward(model, inputs, temperature=0.7, with_entropy=True)
+            loss = -(logp * mask).sum() / mask.sum() - 0.01 * (entropy * mask).sum()
+        else:
+            loss = ((critic_forward(model, inputs) - 1.0) ** 2 * mask).sum() / mask.sum()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(layer_calls)
+
+    plain_loss, plain_grads, plain_calls = loss_and_grads(False)
+    ckpt_loss, ckpt_grads, ckpt_calls = loss_and_grads(True)
+    assert ckpt_calls == 2 * plain_calls  # every layer ran again in backward
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=0)
+    assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) > 10
+    for name in plain_grads:
+        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)

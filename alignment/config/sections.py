@@ -100,7 +100,7 @@ class SamplingSection:
 
     samples_per_prompt: int = option(1, help="completions per prompt (PPO: the group size of GRPO/RLOO)", min=1)
     temperature: float = option(1.0, help="sampling temperature (0 = greedy)", min=0.0)
-    top_p: float = option(1.0, help="nucleus sampling", min=0.0, max=1.0)
+    top_p: float = option(1.0, help="nucleus sampling (PPO rollouts need 1.0: the trainer scores tokens under the full softmax)", min=0.0, max=1.0)
     top_k: int = option(-1, help="top-k sampling (-1: off)", min=-1)
     max_new_tokens: int = option(32, help="completion budget; longer answers are truncated (and counted)", min=1)
     stop: list[str] = option([], help="extra stop strings (EOS always stops)")

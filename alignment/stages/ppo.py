@@ -29,7 +29,14 @@ from alignment.config.schema import save_resolved
 from alignment.data import load_stage_data
 from alignment.errors import UserError
 from alignment.metrics import MetricsLogger, truncate_metrics
-from alignment.models import load_causal_lm, load_tokenizer, load_value_model, lora_config, render_prompt
+from alignment.models import (
+    enable_gradient_checkpointing,
+    load_causal_lm,
+    load_tokenizer,
+    load_value_model,
+    lora_config,
+    render_prompt,
+)
 from alignment.ppo import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
@@ -121,10 +128,14 @@ def run(recipe: PPORecipe, engine=None) -> None:
             model, zero, lr, train.weight_decay, train.warmup_steps, algo.micro_batch_size, micro_per_minibatch, train.max_grad_norm
         )
 
-    policy = train_engine(_policy_model(recipe, zero), train.learning_rate)
-    critic = None
-    if estimator.needs_critic:
-        critic = train_engine(TokenValueModel(load_value_model(recipe.value)), train.critic_learning_rate)
+    policy_model = _policy_model(recipe, zero)
+    value_model = TokenValueModel(load_value_model(recipe.value)) if estimator.needs_critic else None
+    if train.gradient_checkpointing:
+        enable_gradient_checkpointing(policy_model)
+        if value_model is not None:
+            enable_gradient_checkpointing(value_model.inner)
+    policy = train_engine(policy_model, train.learning_rate)
+    critic = train_engine(value_model, train.critic_learning_rate) if value_model is not None else None
     reference = make_inference_model(load_causal_lm(recipe.reference or recipe.policy), zero)
     reward = CompositeReward.from_recipe(recipe.rewards, dev)
     for name, scorer in reward.scorers.items():
