@@ -206,8 +206,9 @@ class AccumulationWindow:
     """The micro-batches of one optimizer step of a DeepSpeed engine built by `make_train_engine`.
 
     A micro-batch whose loss is NaN/inf on any rank contributes no gradient on any rank (ranks stay in step). A
-    window whose every micro-batch was skipped takes no optimizer step at all: stepping on no gradient would still
-    move the weights through Adam's moments and weight decay, and advance the learning-rate schedule.
+    window whose every micro-batch was skipped takes no optimizer step at all: stepping on no gradient would advance
+    the learning-rate schedule and, wherever the optimizer sees zeros rather than missing gradients, move the weights
+    through Adam's moments and weight decay (DeepSpeed's ZeRO-2 optimizer even fails on a window without backward).
     """
 
     def __init__(self, engine):
