@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 
 
@@ -30,3 +31,14 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (pickled: small Python objects). The pickle travels on the process group's device
+    (NCCL takes only CUDA tensors)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return obj
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, device=device)
+    return holder[0]

@@ -167,15 +167,6 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in zip(keys, t)}
 
 
-def broadcast_object(obj):
-    """Rank 0's `obj` on every rank (pickled; for small Python objects such as a step's samples)."""
-    if dist.get_world_size() == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0, device=device())
-    return holder[0]
-
-
 def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     """Element-wise sum of `t` over every rank, returned on t's device. The collective runs on the process group's
     device (NCCL takes only CUDA tensors); nothing is sent in a world of one."""

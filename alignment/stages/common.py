@@ -25,6 +25,7 @@ from alignment.checkpoint import atomic_directory, latest_checkpoint, prune, pub
 from alignment.config.sections import ModelSection, OutputSection, TrainSection
 from alignment.config.schema import save_resolved
 from alignment.metrics import MetricsLogger
+from alignment.run_lock import lock_output_dir_on_main, unlock_output_dir
 
 
 
@@ -75,11 +76,18 @@ def start_stage(recipe) -> StageStart:
 
 
 def open_output(start: StageStart, recipe, stage: str) -> MetricsLogger:
-    """After the data is validated: clean leftovers of a killed run, save the resolved recipe, open the metrics logger."""
+    """After the data is validated: take the directory's run lock (a second run there stops), clean leftovers of a
+    killed run, save the resolved recipe, open the metrics logger. `close_output` ends it."""
+    lock_output_dir_on_main(start.layout.root)
     prepare_output(start.layout, recipe.output, start.resume)
     if distributed.is_main():
         save_resolved(recipe, start.layout.root, stage)
     return make_logger(start.layout)
+
+
+def close_output(layout: RunLayout, logger: MetricsLogger) -> None:
+    logger.close()
+    unlock_output_dir(layout.root)
 
 
 # ----------------------------------------------------------------------------- layout and resume

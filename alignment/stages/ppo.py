@@ -24,11 +24,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from alignment import checkpoint as ckpt
+from alignment.distributed import broadcast_from_main
 from alignment.config.ppo import PPORecipe
 from alignment.config.schema import save_resolved
 from alignment.data import load_stage_data
 from alignment.errors import UserError
 from alignment.metrics import MetricsLogger, truncate_metrics
+from alignment.run_lock import lock_output_dir_on_main, unlock_output_dir
 from alignment.models import (
     enable_gradient_checkpointing,
     load_causal_lm,
@@ -66,7 +68,6 @@ from alignment.training import (
     all_reduce_mean,
     all_reduce_sum,
     any_rank,
-    broadcast_object,
     device,
     finite,
     init_distributed,
@@ -154,6 +155,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
 
     # ---- resume, rollout engine, outputs
     state = LoopState()
+    # Models and data are good: from here on this run owns output.dir (a second run there stops now).
+    lock_output_dir_on_main(out)
     latest = ckpt.latest_checkpoint(out / "checkpoints") if recipe.output.resume else None
     if latest is not None:
         state = _load_checkpoint(latest, policy, critic, kl_ctl, running_reward, rank)
@@ -196,7 +199,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             samples, generate_seconds = step_rollouts.samples, step_rollouts.generate_seconds
             if step + 1 < train.steps:  # peek at the next rows; `state` moves on when that step takes them
                 rollouts.prefetch(step + 1, _next_prompt_rows(replace(state), len(prompts), train.prompts_per_step, train.seed))
-        samples = broadcast_object(samples)
+        samples = broadcast_from_main(samples)
         per_rank = train.prompts_per_step // world
         local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
         local_rows = [rows[s.prompt_index] for s in samples[local]]
@@ -303,6 +306,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         rollouts.close()
     _export_final(policy, tokenizer, out, rank, {"steps": train.steps, "final_metrics": last_metrics})
     logger.close()
+    unlock_output_dir(out)
     if rank == 0 and owns_engine:
         engine.close()
 

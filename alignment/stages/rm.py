@@ -104,7 +104,7 @@ def run(recipe: RMRecipe) -> dict:
         _print_summary(summary, final)
     distributed.barrier()
     common.write_summary(layout, summary)
-    logger.close()
+    common.close_output(layout, logger)
     return summary
 
 

@@ -15,7 +15,7 @@ from alignment.errors import UserError
 from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import policy_forward
 from alignment.ppo.mismatch import token_mult_prob_error
-from alignment.training import broadcast_object
+from alignment.distributed import broadcast_from_main
 from rollout import SamplingConfig
 
 PROBE_PROMPTS = 4
@@ -34,7 +34,7 @@ class SyncCheck:
     @torch.no_grad()
     def __call__(self, engine, policy, pad_id: int, device: torch.device, version: int, rank: int) -> float:
         samples = engine.generate(self.prompt_ids, self.sampling) if rank == 0 else None
-        batch = RolloutBatch.from_samples(broadcast_object(samples), list(range(len(self.prompt_ids))))
+        batch = RolloutBatch.from_samples(broadcast_from_main(samples), list(range(len(self.prompt_ids))))
         inputs = batch.model_inputs(torch.arange(len(batch)), pad_id, device)
         trainer_logp = policy_forward(policy, inputs, temperature=1.0)[0].float().cpu()  # every rank: ZeRO-3 gathers
         n = inputs.completion_len
