@@ -161,10 +161,8 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     if dist.get_world_size() == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return {k: float(v) for k, v in zip(keys, t)}
+    summed = sum_across_ranks(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, summed)}
 
 
 def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -178,10 +176,17 @@ def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum(value: float) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return float(t)
+    return float(sum_across_ranks(torch.tensor([float(value)], dtype=torch.float64)))
+
+
+def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Same-shaped `t` of every rank, concatenated in rank order along dim 0, on t's device (sent on the group's)."""
+    if dist.get_world_size() == 1:
+        return t
+    on_group = t.detach().to(device()).contiguous()
+    parts = [torch.empty_like(on_group) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, on_group)
+    return torch.cat(parts).to(t.device)
 
 
 def any_rank(flag: bool) -> bool:

@@ -70,6 +70,7 @@ from alignment.training import (
     any_rank,
     device,
     finite,
+    gather_across_ranks,
     init_distributed,
     make_inference_model,
     make_train_engine,
@@ -218,7 +219,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
                   "max_length; their prompts were trimmed from the left so the whole answer is scored (share per step: "
                   "reward/*_prompt_trimmed)", flush=True)
         if running_reward is not None:
-            running_reward.update(_all_gather(raw))  # the same statistics on every rank
+            running_reward.update(gather_across_ranks(raw))  # the same statistics on every rank
         batch.scores = scores = shape_scores(raw, batch.finish_reasons, algo, running_reward)
         _score_tokens(batch, policy, reference, critic, tokenizer.pad_token_id, dev, temperature, algo.micro_batch_size)
         mask = batch.mask
@@ -450,15 +451,6 @@ def _next_prompt_rows(state: LoopState, n_rows: int, count: int, seed: int) -> l
         if state.data_offset >= n_rows:
             state.data_epoch, state.data_offset = state.data_epoch + 1, 0
     return rows
-
-
-def _all_gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a same-shaped tensor from every rank (in rank order)."""
-    if dist.get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 def _seed_everything(seed: int) -> None:
