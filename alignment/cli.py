@@ -108,6 +108,10 @@ def _run(args: argparse.Namespace) -> None:
         _validate(args.recipes, check_paths=not args.no_path_check, check_data=args.data)
         return
     stage: Stage = args.stage
+    if "RANK" in os.environ:  # a rank of a launched run: it must not outlive its launcher
+        from alignment.distributed import exit_with_launcher
+
+        exit_with_launcher()
     if args.help_recipe:
         from alignment.config.schema import describe_schema
 

@@ -6,7 +6,10 @@ torch.distributed really has a world of N (see shared/ENVIRONMENT.md), so all ou
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -42,3 +45,21 @@ def broadcast_from_main(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0, device=device)
     return holder[0]
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_launcher() -> None:
+    """Under a launcher (accelerate, torchrun: RANK is set), have Linux send this rank SIGTERM when its parent, the
+    launcher's agent, dies.
+
+    torch's elastic agent starts every rank in a process group of its own, so killing `accelerate launch` (a user's
+    kill, the OOM killer) left the ranks alive and still writing into the output directory; a rerun then raced
+    them. Elsewhere (no launcher, not Linux) this does nothing.
+    """
+    if "RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not fatal: the rank then merely outlives a killed launcher, as before

@@ -423,3 +423,52 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_paths, kind, monke
     assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) > 10
     for name in plain_grads:
         torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.e2e
+def test_ranks_die_with_a_killed_launcher_and_the_rerun_resumes(tiny_paths, tiny_sft, tiny_rm, tmp_path):
+    """SIGKILL of `accelerate launch` (and its process group) of a 2-rank ZeRO-3 run: the ranks, which torch's agent
+    starts in sessions of their own, are gone seconds later, and the command run again (fewer steps, so the test
+    ends soon) resumes on its first try."""
+    import psutil
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/cpu_zero3.yaml"),
+           "-m", "alignment", "ppo", str(TINY_PPO), *tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out), "rollout.engine=hf",
+           "output.save_steps=2", "eval=null", "algorithm.critic_warmup_steps=1"]
+    env = stage_env(PYTHONUNBUFFERED="1")
+    # 40 steps: far more than the seconds below allow, so ranks that outlive the launcher are still there
+    launcher = subprocess.Popen([*cmd, "train.steps=40"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "checkpoint-2").exists():
+        assert launcher.poll() is None and time.time() < deadline, "run ended before its checkpoint at step 2"
+        time.sleep(0.2)
+    ranks = [p for p in _children(launcher.pid) if "alignment" in " ".join(psutil.Process(p).cmdline())]
+    assert len(ranks) == 2, ranks
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    def alive() -> list[int]:
+        return [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+    gone_by = time.time() + 15
+    while alive() and time.time() < gone_by:
+        time.sleep(0.2)
+    survivors = alive()
+    for pid in survivors:  # never leave them running past the test
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, "ranks outlived the launcher"
+
+    rerun = subprocess.run([*cmd, "train.steps=4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resumed at step" in rerun.stdout
+    assert [m["step"] for m in read_metrics(out)][-1] == 4
