@@ -24,13 +24,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from alignment import checkpoint as ckpt
-from alignment.distributed import broadcast_from_main
 from alignment.config.ppo import PPORecipe
 from alignment.config.schema import save_resolved
 from alignment.data import load_stage_data
+from alignment.distributed import broadcast_from_main
 from alignment.errors import UserError
 from alignment.metrics import MetricsLogger, truncate_metrics
-from alignment.run_lock import lock_output_dir_on_main, unlock_output_dir
 from alignment.models import (
     enable_gradient_checkpointing,
     load_causal_lm,
@@ -60,6 +59,7 @@ from alignment.ppo import (
 )
 from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
+from alignment.run_lock import lock_output_dir_on_main, unlock_output_dir
 from alignment.stages.rollout_schedule import RolloutSchedule
 from alignment.stages.sync_check import SyncCheck
 from alignment.training import (
