@@ -212,14 +212,13 @@ class AccumulationWindow:
         self.used = 0  # micro-batches whose gradient went in
         self.skipped = 0  # micro-batches left out for a non-finite loss
 
-    def backward(self, loss: torch.Tensor) -> bool:
-        """Accumulate `loss`'s gradient unless it is non-finite on some rank; returns whether it went in."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate `loss`'s gradient unless it is non-finite on some rank."""
         if any_rank(not finite(loss)):
             self.skipped += 1
-            return False
+            return
         self.engine.backward(loss, scale_wrt_gas=False)
         self.used += 1
-        return True
 
     def step(self) -> bool:
         """End the window: reduce and update if any gradient went in; returns whether the optimizer stepped."""

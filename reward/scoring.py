@@ -65,13 +65,15 @@ def answer_starts(tokenizer, prompts: list, sequences: list[list[int]]) -> list[
     else:
         alone = tokenizer.apply_chat_template([list(p) for p in prompts], tokenize=True, add_generation_prompt=True,
                                               return_dict=True)["input_ids"]
-    starts = []
-    for full, prefix in zip(sequences, alone):
-        n = 0
-        while n < min(len(full), len(prefix)) and full[n] == prefix[n]:
-            n += 1
-        starts.append(n)
-    return starts
+    return [common_prefix_length(full, prefix) for full, prefix in zip(sequences, alone)]
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two token sequences share: where one rendering stops being a prefix of another."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def fit_to_length(ids: list[int], answer_start: int, max_length: int, bos_id: int | None) -> list[int] | None:

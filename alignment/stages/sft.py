@@ -18,6 +18,7 @@ from alignment import distributed, models
 from alignment.config.sft import SFTRecipe
 from alignment.errors import RecipeError
 from alignment.stages import common
+from reward.scoring import common_prefix_length
 
 
 def run(recipe: SFTRecipe) -> dict:
@@ -168,8 +169,8 @@ def assistant_masked(dataset, tokenizer):
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = _common_prefix(ids, _render(tokenizer, messages[:i], add_generation_prompt=True))
-            end = _common_prefix(ids, _render(tokenizer, messages[: i + 1]))
+            start = common_prefix_length(ids, _render(tokenizer, messages[:i], add_generation_prompt=True))
+            end = common_prefix_length(ids, _render(tokenizer, messages[: i + 1]))
             mask[start:end] = [1] * (end - start)
         return {"input_ids": ids, "assistant_masks": mask}
 
@@ -181,13 +182,6 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
         return []
     return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
                                               return_dict=True)["input_ids"])
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _print_summary(summary: dict, final) -> None:
