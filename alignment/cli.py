@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc) if isinstance(exc, UserError) else library_rejection(exc)
         if message is None:
             raise
-        if os.environ.get("RANK", "0") == "0":  # under multi-process launch, say it once
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # under a launch, once per node (each node has its own console)
             for line in message.splitlines():
                 print(f"error: {line}", file=sys.stderr)
         return 2

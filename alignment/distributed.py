@@ -1,4 +1,9 @@
-"""Rank and world size as torch.distributed sees them.
+"""The one module that talks to torch.distributed: rank, world size, and every collective our code issues.
+
+Each tensor a collective sends is first placed on the process group's device (`group_device()`): NCCL takes only
+CUDA tensors, gloo only CPU ones, so a collective built on the wrong device stops a GPU run at its first use while
+every CPU test passes. Values come back on the caller's device. A test spies on torch.distributed with the group's
+device pointed elsewhere and fails on any tensor of ours that arrives off it.
 
 Under `accelerate launch` with DeepSpeed on CPU, `Accelerator().num_processes` is 1 on every rank while
 torch.distributed really has a world of N (see shared/ENVIRONMENT.md), so all our code asks here.
@@ -36,15 +41,79 @@ def barrier() -> None:
         dist.barrier()
 
 
+def group_device() -> torch.device:
+    """Where the tensors of a collective must live: the CPU for gloo (and outside a process group), else the rank's
+    accelerator (NCCL: this rank's CUDA device)."""
+    if not is_initialized() or dist.get_backend() in ("gloo", "mpi"):
+        return torch.device("cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def _to_group(t: torch.Tensor) -> torch.Tensor:
+    """A private copy of `t` on the group's device, ready to send."""
+    return t.detach().to(group_device(), copy=True).contiguous()
+
+
+def _from_group(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A collective's result back on the caller's device."""
+    return t.to(like.device)
+
+
 def broadcast_from_main(obj):
-    """Rank 0's `obj` on every rank (pickled: small Python objects). The pickle travels on the process group's device
-    (NCCL takes only CUDA tensors)."""
+    """Rank 0's `obj` on every rank (pickled: small Python objects), sent on the group's device."""
     if not is_initialized() or dist.get_world_size() == 1:
         return obj
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     holder = [obj]
-    dist.broadcast_object_list(holder, src=0, device=device)
+    dist.broadcast_object_list(holder, src=0, device=group_device())
     return holder[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)  # torch pickles onto the group's device itself (current CUDA device on NCCL)
+    return gathered
+
+
+def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of `t` over every rank, on t's device; nothing is sent in a world of one."""
+    if world_size() == 1:
+        return t
+    on_group = _to_group(t)
+    dist.all_reduce(on_group)
+    return _from_group(on_group, t)
+
+
+def all_reduce_sum(value: float) -> float:
+    return float(sum_across_ranks(torch.tensor([float(value)], dtype=torch.float64)))
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks (one collective for the whole dict)."""
+    if world_size() == 1 or not values:
+        return values
+    keys = sorted(values)
+    summed = sum_across_ranks(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return {k: float(v) / world_size() for k, v in zip(keys, summed)}
+
+
+def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Same-shaped `t` of every rank, concatenated in rank order along dim 0, on t's device."""
+    if world_size() == 1:
+        return t
+    on_group = _to_group(t)
+    parts = [torch.empty_like(on_group) for _ in range(world_size())]
+    dist.all_gather(parts, on_group)
+    return _from_group(torch.cat(parts), t)
+
+
+def any_rank(flag: bool) -> bool:
+    """True if `flag` is true on any rank: keeps every rank on the same branch (ZeRO-3 needs lockstep)."""
+    return all_reduce_sum(1.0 if flag else 0.0) > 0
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

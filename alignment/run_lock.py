@@ -1,10 +1,17 @@
-"""One run per output directory: rank 0 of a stage holds an exclusive lock on `<output.dir>/.lock` while it runs.
+"""One run per output directory, seen alike by every rank.
+
+Rank 0 of a stage holds an exclusive lock on `<output.dir>/.lock` while it runs.
 
 A second run pointed at the same directory (a repeated command, or `accelerate launch --num_machines 2` without a
 multi-node launcher, which starts independent runs) would race on its checkpoints and metrics; it stops at once
 with a UserError naming the holder. The lock is an OS file lock (`flock`), so it dies with its process: a run
 that was killed leaves a stale `.lock` file that the next run simply takes over. (flock may not be enforced
 across hosts on some network filesystems.)
+
+Every rank then checks that it sees the directory rank 0 locked (the lock file's token): a multi-node run needs
+output.dir on a filesystem all nodes share, since each rank writes its checkpoint shards there and rank 0
+publishes them. With a directory per node, node 1's shards would never reach a published checkpoint and resume
+would be impossible; the run stops before training instead.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from alignment import distributed
@@ -38,12 +46,20 @@ def lock_output_dir(directory: str | Path) -> Path:
         os.close(fd)
         raise UserError(f"output.dir '{directory}' is in use by another run ({holder}); wait for it to end, stop it, "
                         "or choose another output.dir") from None
-    holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    holder = {"token": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
               "command": " ".join(sys.argv)[:300]}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
     _held[directory] = fd
     return directory
+
+
+def _token_in(directory: Path) -> str | None:
+    """The token in `directory`'s lock file, as this rank reads it (None: no lock file, or not ours)."""
+    try:
+        return json.loads((directory / LOCK_FILE).read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def unlock_output_dir(directory: str | Path) -> None:
@@ -64,3 +80,20 @@ def lock_output_dir_on_main(directory: str | Path) -> None:
     error = distributed.broadcast_from_main(error)
     if error is not None:
         raise UserError(error)
+
+
+def claim_output_dir(directory: str | Path) -> None:
+    """Before a run writes into `directory`, on every rank: rank 0 takes its lock, then each rank checks that it
+    reads rank 0's lock token there. Every rank raises the same UserError when either fails."""
+    directory = Path(directory).resolve()
+    lock_output_dir_on_main(directory)
+    token = distributed.broadcast_from_main(_token_in(directory) if distributed.is_main() else None)
+    views = distributed.gather_objects((_token_in(directory) == token, socket.gethostname()))
+    blind = [f"rank {r} on {host}" for r, (sees, host) in enumerate(views) if not sees]
+    if blind:
+        if distributed.is_main():
+            unlock_output_dir(directory)
+        raise UserError(f"output.dir '{directory}' is not the same directory on every rank: {', '.join(blind)} "
+                        f"cannot see the lock file rank 0 (on {views[0][1]}) wrote there. Multi-node runs need output.dir "
+                        "on a filesystem shared by all nodes (NFS, Lustre, a cloud file share): each rank writes its "
+                        "checkpoint shards there and rank 0 publishes them")

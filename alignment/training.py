@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from alignment.distributed import any_rank
+
 
 @dataclass(frozen=True)
 class ZeroSettings:
@@ -154,44 +156,6 @@ def make_inference_model(model: torch.nn.Module, zero: ZeroSettings) -> torch.nn
     }
     engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine.module
-
-
-def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over ranks (one collective for the whole dict)."""
-    if dist.get_world_size() == 1 or not values:
-        return values
-    keys = sorted(values)
-    summed = sum_across_ranks(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, summed)}
-
-
-def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum of `t` over every rank, returned on t's device. The collective runs on the process group's
-    device (NCCL takes only CUDA tensors); nothing is sent in a world of one."""
-    if dist.get_world_size() == 1:
-        return t
-    on_group = t.detach().to(device(), copy=True)
-    dist.all_reduce(on_group)
-    return on_group.to(t.device)
-
-
-def all_reduce_sum(value: float) -> float:
-    return float(sum_across_ranks(torch.tensor([float(value)], dtype=torch.float64)))
-
-
-def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
-    """Same-shaped `t` of every rank, concatenated in rank order along dim 0, on t's device (sent on the group's)."""
-    if dist.get_world_size() == 1:
-        return t
-    on_group = t.detach().to(device()).contiguous()
-    parts = [torch.empty_like(on_group) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, on_group)
-    return torch.cat(parts).to(t.device)
-
-
-def any_rank(flag: bool) -> bool:
-    """True if `flag` is true on any rank: keeps every rank on the same branch (ZeRO-3 needs lockstep)."""
-    return all_reduce_sum(1.0 if flag else 0.0) > 0
 
 
 def finite(*tensors: torch.Tensor) -> bool:

@@ -70,7 +70,8 @@ def _engine(stage: int, **kw):
 
 def _accumulated_gradient(mode: str, rank: int) -> list[torch.Tensor]:
     """This rank's half of the window in 2 micro-batches, reduced as the stage does; the gradient DeepSpeed steps on."""
-    from alignment.training import AccumulationWindow, all_reduce_sum
+    from alignment.distributed import all_reduce_sum
+    from alignment.training import AccumulationWindow
 
     features, mask = _window_data()
     mine = slice(3 * rank, 3 * rank + 3)
@@ -121,7 +122,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from alignment.training import init_distributed, sum_across_ranks
+    from alignment.distributed import sum_across_ranks
+    from alignment.training import init_distributed
 
     init_distributed()
     mine = slice(4 * rank, 4 * rank + 4)

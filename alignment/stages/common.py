@@ -25,7 +25,7 @@ from alignment.checkpoint import atomic_directory, latest_checkpoint, prune, pub
 from alignment.config.sections import ModelSection, OutputSection, TrainSection
 from alignment.config.schema import save_resolved
 from alignment.metrics import MetricsLogger
-from alignment.run_lock import lock_output_dir_on_main, unlock_output_dir
+from alignment.run_lock import claim_output_dir, unlock_output_dir
 
 
 
@@ -44,12 +44,14 @@ def setup_distributed() -> bool:
     Trainer then feeds every rank the same batches (and DeepSpeed rejects the batch size). Creating the
     `PartialState` ourselves with `backend="gloo"` gives it the true rank and world size; the trainer
     reuses it through `accelerator_config={"use_configured_state": True}` (see `training_args`).
-    On GPUs (nccl) and in single-process runs accelerate is right and we leave it alone.
+    On GPUs (nccl) accelerate is right; we only have it join the process group at once, before the trainer would.
     """
-    if not under_deepspeed_launch() or torch.cuda.is_available():
-        return False
     from accelerate import PartialState
 
+    if not under_deepspeed_launch() or torch.cuda.is_available():
+        if "RANK" in os.environ:
+            PartialState()  # join the launch's process group now (the trainer would later): the resume decision is sent
+        return False
     state = PartialState(backend="gloo")
     assert state.num_processes == torch.distributed.get_world_size(), "accelerate still misreports the world size"
     return True
@@ -71,14 +73,16 @@ def start_stage(recipe) -> StageStart:
     on bad data or a bad model leaves `output.dir` as it was (absent, or another run's files untouched)."""
     configured_state = setup_distributed()
     layout = RunLayout(Path(recipe.output.dir))
-    resume = latest_checkpoint(layout.checkpoints) if recipe.output.resume else None
+    # Rank 0 decides: a rank that looked on its own disk could pick another checkpoint (or none) and hang the others.
+    resume = distributed.broadcast_from_main(
+        latest_checkpoint(layout.checkpoints) if recipe.output.resume and distributed.is_main() else None)
     return StageStart(configured_state, layout, resume, models.load_tokenizer(recipe.model))
 
 
 def open_output(start: StageStart, recipe, stage: str) -> MetricsLogger:
     """After the data is validated: take the directory's run lock (a second run there stops), clean leftovers of a
     killed run, save the resolved recipe, open the metrics logger. `close_output` ends it."""
-    lock_output_dir_on_main(start.layout.root)
+    claim_output_dir(start.layout.root)
     prepare_output(start.layout, recipe.output, start.resume)
     if distributed.is_main():
         save_resolved(recipe, start.layout.root, stage)

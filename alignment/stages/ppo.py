@@ -27,7 +27,15 @@ from alignment import checkpoint as ckpt
 from alignment.config.ppo import PPORecipe
 from alignment.config.schema import save_resolved
 from alignment.data import load_stage_data
-from alignment.distributed import broadcast_from_main
+from alignment.distributed import (
+    all_reduce_mean,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    broadcast_from_main,
+    gather_across_ranks,
+    sum_across_ranks,
+)
 from alignment.errors import UserError
 from alignment.metrics import MetricsLogger, truncate_metrics
 from alignment.models import (
@@ -59,22 +67,17 @@ from alignment.ppo import (
 )
 from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
-from alignment.run_lock import lock_output_dir_on_main, unlock_output_dir
+from alignment.run_lock import claim_output_dir, unlock_output_dir
 from alignment.stages.rollout_schedule import RolloutSchedule
 from alignment.stages.sync_check import SyncCheck
 from alignment.training import (
     AccumulationWindow,
     ZeroSettings,
-    all_reduce_mean,
-    all_reduce_sum,
-    any_rank,
     device,
     finite,
-    gather_across_ranks,
     init_distributed,
     make_inference_model,
     make_train_engine,
-    sum_across_ranks,
 )
 from reward.composite import CompositeReward
 from reward.functions import load_reward_function
@@ -157,8 +160,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
     # ---- resume, rollout engine, outputs
     state = LoopState()
     # Models and data are good: from here on this run owns output.dir (a second run there stops now).
-    lock_output_dir_on_main(out)
-    latest = ckpt.latest_checkpoint(out / "checkpoints") if recipe.output.resume else None
+    claim_output_dir(out)
+    # Rank 0 decides: a rank that looked on its own disk could pick another checkpoint (or none) and hang the others.
+    latest = broadcast_from_main(ckpt.latest_checkpoint(out / "checkpoints") if recipe.output.resume and rank == 0 else None)
     if latest is not None:
         state = _load_checkpoint(latest, policy, critic, kl_ctl, running_reward, rank)
     owns_engine = engine is None
@@ -502,7 +506,7 @@ def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, runni
     if rank == 0:
         ckpt.clean_partial(root)
         staging.mkdir(parents=True)
-    dist.barrier()
+    barrier()
     _write_hf_policy(policy, tokenizer, staging / "policy_hf", rank)
     policy.save_checkpoint(str(staging / "policy"), tag="ds")
     if critic is not None:
@@ -512,11 +516,11 @@ def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, runni
         saved = {"loop": asdict(state), "kl_controller": kl_ctl.state_dict(),
                  "running_reward": running_reward.state_dict() if running_reward is not None else None}
         (staging / "loop_state.json").write_text(json.dumps(saved))
-    dist.barrier()
+    barrier()
     if rank == 0:
         ckpt.publish(staging, root / f"checkpoint-{state.step}")
         ckpt.prune(root, keep_last)
-    dist.barrier()
+    barrier()
 
 
 def _load_checkpoint(path: Path, policy, critic, kl_ctl, running_reward, rank: int) -> LoopState:
@@ -554,4 +558,4 @@ def _export_final(policy, tokenizer, out: Path, rank: int, summary: dict) -> Non
     if rank == 0:
         ckpt.publish(staging, out / "final")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    dist.barrier()
+    barrier()
