@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,14 @@ class ZeroSettings:
     stage: int = 0
     offload_optimizer: str | None = None  # "cpu" / "nvme" / None
     offload_param: str | None = None
+    init: bool = False  # zero3_init_flag: build models already partitioned (stage 3 only), see `zero3_init`
 
     @classmethod
     def from_accelerate_env(cls) -> ZeroSettings:
         """Read what `accelerate launch` exported from its DeepSpeed config (stage 0 when not under DeepSpeed)."""
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
             return cls()
+        init = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true"
         config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         if config_file and config_file.lower() != "none":
             zero = json.loads(Path(config_file).read_text()).get("zero_optimization", {})
@@ -40,12 +43,37 @@ class ZeroSettings:
                 int(zero.get("stage", 0)),
                 _device(zero.get("offload_optimizer", {}).get("device")),
                 _device(zero.get("offload_param", {}).get("device")),
+                init,
             )
         return cls(
             int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)),
             _device(os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE")),
             _device(os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE")),
+            init,
         )
+
+
+def ignored_accelerate_settings(model_dtype: str) -> list[str]:
+    """Settings of the launching accelerate config that PPO's own DeepSpeed engines do not take, each with what
+    takes its place (the stage prints them as warnings at start)."""
+    env = os.environ.get
+    ignored = []
+    precision = env("ACCELERATE_MIXED_PRECISION", "no").lower()
+    wanted = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
+    if wanted is not None and wanted != model_dtype:
+        ignored.append(f"mixed_precision={precision}: PPO computes in the recipe's dtype ({model_dtype}); set "
+                       f"policy.dtype (and value.dtype, reference.dtype) to {wanted} to train in {precision}")
+    if env("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return ignored
+    if env("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "auto") not in ("auto", "1"):
+        ignored.append(f"gradient_accumulation_steps={env('ACCELERATE_GRADIENT_ACCUMULATION_STEPS')}: PPO accumulates "
+                       "over each minibatch (algorithm.minibatches and algorithm.micro_batch_size)")
+    if env("ACCELERATE_GRADIENT_CLIPPING", "auto").lower() not in ("auto", "none"):
+        ignored.append(f"gradient_clipping={env('ACCELERATE_GRADIENT_CLIPPING')}: PPO clips at train.max_grad_norm")
+    zero = ZeroSettings.from_accelerate_env()
+    if zero.offload_param and zero.stage != 3:
+        ignored.append(f"offload_param_device={zero.offload_param}: parameters are offloaded only under ZeRO stage 3")
+    return ignored
 
 
 def _device(value: str | None) -> str | None:
@@ -79,15 +107,57 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def _zero_config(zero: ZeroSettings) -> dict:
+def _zero_config(zero: ZeroSettings, hidden_size: int | None) -> dict:
     config: dict = {"stage": zero.stage}
     if zero.offload_optimizer:
         config["offload_optimizer"] = {"device": zero.offload_optimizer, "pin_memory": torch.cuda.is_available()}
     if zero.offload_param and zero.stage == 3:
         config["offload_param"] = {"device": zero.offload_param, "pin_memory": torch.cuda.is_available()}
     if zero.stage == 3:
-        # Gather full 16-bit weights for export and release them promptly after each use.
-        config.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0)
+        config["stage3_gather_16bit_weights_on_model_save"] = True  # full weights for the HF export
+        if hidden_size:
+            # Parameters up to 10 x hidden size (norms, biases) stay whole on every rank: gathering them before each
+            # layer of each micro-batch costs a collective apiece for a few KB (HF's "auto" value). Weight matrices
+            # are larger and stay sharded.
+            config["stage3_param_persistence_threshold"] = 10 * hidden_size
+    return config
+
+
+def _hidden_size(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None) or getattr(getattr(model, "inner", None), "config", None)
+    return getattr(config, "hidden_size", None)
+
+
+def _precision(model_dtype: torch.dtype, on_gpu: bool) -> dict:
+    """DeepSpeed's precision flags for a model of `model_dtype`: they also set the dtype ZeRO-3 partitions a model
+    into (left out, a bf16 model would be sharded as float32: twice the memory). On CPU DeepSpeed runs float32."""
+    if not on_gpu:
+        return {}
+    return {"bf16": {"enabled": model_dtype == torch.bfloat16}, "fp16": {"enabled": model_dtype == torch.float16}}
+
+
+def engine_config(zero: ZeroSettings, model_dtype: torch.dtype, on_gpu: bool, hidden_size: int | None,
+                  micro_batch_size: int, grad_accum_steps: int, world: int, max_grad_norm: float) -> dict:
+    """The DeepSpeed config of a training engine (see `make_train_engine`)."""
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": _zero_config(zero, hidden_size),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # The loop owns the accumulation boundary (`AccumulationWindow`): backward per usable micro-batch, then one
+        # step() that reduces and updates, or none when every micro-batch of the window was skipped.
+        "managed_gradient_accumulation": False,
+    }
+    config.update(_precision(model_dtype, on_gpu))
+    if on_gpu:
+        if model_dtype != torch.float32 and zero.stage >= 1:
+            # DeepSpeed accumulates gradients in the model's dtype unless told otherwise: summing many micro-batches
+            # in bf16 (8 bits of mantissa) loses the small ones. Stage 0 cannot (its bf16 path has no fp32 buffer).
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
 
@@ -107,21 +177,8 @@ def make_train_engine(
     loop drives each step through an `AccumulationWindow`, with losses already reduced over the whole window.
     """
     world = dist.get_world_size()
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
-        "train_batch_size": micro_batch_size * grad_accum_steps * world,
-        "gradient_clipping": max_grad_norm,
-        "zero_optimization": _zero_config(zero),
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        # The loop owns the accumulation boundary (`AccumulationWindow`): backward per usable micro-batch, then one
-        # step() that reduces and updates, or none when every micro-batch of the window was skipped.
-        "managed_gradient_accumulation": False,
-    }
-    if torch.cuda.is_available():
-        config["bf16"] = {"enabled": next(model.parameters()).dtype == torch.bfloat16}
+    config = engine_config(zero, next(model.parameters()).dtype, torch.cuda.is_available(), _hidden_size(model),
+                           micro_batch_size, grad_accum_steps, world, max_grad_norm)
     params = [p for p in model.parameters() if p.requires_grad]
     if zero.offload_optimizer:
         # Offloaded optimizer states need DeepSpeed's own CPU Adam; let it build one from the config.
@@ -151,11 +208,33 @@ def make_inference_model(model: torch.nn.Module, zero: ZeroSettings) -> torch.nn
         return model.to(device())
     config = {
         "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": _zero_config(ZeroSettings(3, None, zero.offload_param)),
+        "zero_optimization": _zero_config(ZeroSettings(3, None, zero.offload_param), _hidden_size(model)),
         "steps_per_print": 10**9,
+        **_precision(next(model.parameters()).dtype, torch.cuda.is_available()),
     }
     engine, *_ = deepspeed.initialize(model=model, config=config)
     return engine.module
+
+
+@contextmanager
+def zero3_init(zero: ZeroSettings, dtype: torch.dtype):
+    """While open, transformers builds the models it loads already partitioned over the ranks (deepspeed.zero.Init)
+    when the launch's accelerate config has zero3_init_flag: true under ZeRO-3: no rank ever holds a whole model,
+    in host memory or on its device (at 7B, four whole models per rank would not fit). Otherwise it does nothing."""
+    if not (zero.stage == 3 and zero.init):
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # Everything partitioned as it is built; the engines then keep small parameters whole (persistence threshold).
+    partitioned = {**_zero_config(zero, None), "stage3_param_persistence_threshold": 0}
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": partitioned,
+              **_precision(dtype, torch.cuda.is_available())}
+    hf_config = HfDeepSpeedConfig(config)  # transformers holds it by weak reference: on while it lives
+    try:
+        yield hf_config
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def finite(*tensors: torch.Tensor) -> bool:

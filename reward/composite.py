@@ -37,14 +37,19 @@ class CompositeReward:
         return {t.name: t.scorer for t in self.terms if t.scorer is not None}
 
     @classmethod
-    def from_recipe(cls, sources, device: torch.device) -> CompositeReward:
+    def from_recipe(cls, sources, device: torch.device, default_dtype: str = "float32", place=None) -> CompositeReward:
+        """Terms of the recipe's `rewards`. Reward models load in their term's dtype (else `default_dtype`, the
+        policy's) and are put in place by `place` (see RewardModelScorer)."""
+        from alignment.models import DTYPES
+
         terms = []
         for i, src in enumerate(sources):
             scorer = None
             if src.kind == "model":
                 from reward.scoring import RewardModelScorer
 
-                scorer = RewardModelScorer(src.path, device=device, normalize=src.normalize)
+                scorer = RewardModelScorer(src.path, device=device, normalize=src.normalize,
+                                           dtype=DTYPES[src.dtype or default_dtype], place=place)
                 fn: RewardFn = lambda prompts, completions, _s=scorer, **_: _s.score(prompts, completions).tolist()
             elif src.kind == "function":
                 fn = load_reward_function(src.function)

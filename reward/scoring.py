@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,7 +106,10 @@ class RewardModelScorer:
     """Batched scalar rewards from an RM checkpoint (full model, or a LoRA adapter dir that is merged on load)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", normalize: bool = False,
-                 batch_size: int = 32, max_length: int | None = None, dtype: torch.dtype = torch.float32):
+                 batch_size: int = 32, max_length: int | None = None, dtype: torch.dtype = torch.float32,
+                 place: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+        """`place` puts the loaded model where it scores (PPO: sharded under ZeRO-3 like the reference); by default
+        it is moved to `device`."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
@@ -116,14 +120,20 @@ class RewardModelScorer:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if (path / "adapter_config.json").is_file():
+            from transformers.integrations import is_deepspeed_zero3_enabled
+
             from alignment.stages.common import merge_adapter
 
-            self.model = merge_adapter(path, AutoModelForSequenceClassification)
+            if is_deepspeed_zero3_enabled():  # peft would merge into partitioned (empty) weights
+                raise UserError(f"reward model '{path}' is a LoRA adapter, which cannot be merged while models load "
+                                "partitioned (zero3_init_flag: true); export it merged (merge_lora_on_export: true) or "
+                                "launch with zero3_init_flag: false")
+            self.model = merge_adapter(path, AutoModelForSequenceClassification, dtype)
         else:
             self.model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=dtype)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.to(self.device).eval()
+        self.model = place(self.model.eval()) if place is not None else self.model.to(self.device).eval()
         self.stats = read_stats(path)
         # What the RM was trained on, else what its positions allow.
         self.max_length = int(max_length or (self.stats or {}).get("max_length") or self.model.config.max_position_embeddings)

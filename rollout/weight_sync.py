@@ -54,17 +54,19 @@ def _rank() -> int:
     return 0
 
 
-def named_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def named_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(name, tensor)` for every parameter of a trainer model, with HF checkpoint names.
 
     Plain modules: the parameters themselves (detached, no copy). ZeRO-3: every rank must run the
     whole iteration in the same order (each module's parameters are gathered with
     `deepspeed.zero.GatheredParameters`, a collective); rank 0 gets full copies one module at a
-    time, the other ranks get nothing. `dtype` casts what is yielded (e.g. to the engine's dtype).
+    time, the other ranks get nothing. `dtype` casts what is yielded (e.g. to the engine's dtype), `device` moves
+    it (an export streams each gathered module to the CPU: the whole model never sits on one GPU).
     Shared (tied) parameters are yielded once, under their first name, like `named_parameters()`.
     """
     model = _unwrap(model)
-    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    cast = (lambda t: t.to(device=device, dtype=dtype)) if dtype is not None or device is not None else (lambda t: t)
     if hasattr(model, "merge_adapter"):  # a peft model: the engine serves the base weights with LoRA merged in
         yield from _merged_lora_tensors(model, cast)
         return
@@ -85,10 +87,15 @@ def named_tensors(model: torch.nn.Module, dtype: torch.dtype | None = None) -> I
         with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
             if rank0:
                 # Copy inside the context: the full data is released again when it exits.
-                batch = [(f"{mod_name}.{n}" if mod_name else n, cast(p.detach()).clone()) for n, p in own]
+                batch = [(f"{mod_name}.{n}" if mod_name else n, _copy(cast(p.detach()), p)) for n, p in own]
             else:
                 batch = []
         yield from batch
+
+
+def _copy(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`t` itself when casting already copied `param`'s data, else a copy (the gathered data is freed on exit)."""
+    return t.clone() if t.data_ptr() == param.data_ptr() else t
 
 
 def _merged_lora_tensors(model: torch.nn.Module, cast) -> Iterator[tuple[str, torch.Tensor]]:

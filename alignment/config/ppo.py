@@ -21,6 +21,8 @@ class RewardSource:
     url: str | None = option(None, help="kind=http: endpoint that takes {prompts, completions, ...} and returns {rewards}")
     weight: float = option(1.0, help="weight of this term in the total reward")
     normalize: bool = option(True, help="kind=model: standardise scores with the RM's saved reward_stats.json")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = option(
+        None, help="kind=model: dtype the reward model scores in (None: the policy's dtype)")
     timeout_s: float = option(30.0, help="kind=http: seconds per request", min=0.1)
     retries: int = option(3, help="kind=http: attempts before giving up", min=1)
 

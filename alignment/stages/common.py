@@ -335,7 +335,7 @@ def export_final(trainer, tokenizer, layout: RunLayout, model: ModelSection, mer
                 tokenizer.save_pretrained(str(tmp))
             with atomic_directory(layout.final) as tmp:
                 if merge_lora:
-                    merged = merge_adapter(layout.adapter, auto_cls, model)
+                    merged = merge_adapter(layout.adapter, auto_cls, models.DTYPES[model.dtype])
                     merged.save_pretrained(str(tmp), safe_serialization=True)
                 else:
                     _copy_tree(layout.adapter, tmp)
@@ -353,12 +353,11 @@ def export_final(trainer, tokenizer, layout: RunLayout, model: ModelSection, mer
     return layout.final
 
 
-def merge_adapter(adapter_dir: str | Path, auto_cls, model: ModelSection | None = None):
-    """Load the base model named in the adapter config, apply the adapter, merge it into the weights."""
+def merge_adapter(adapter_dir: str | Path, auto_cls, dtype: torch.dtype = torch.float32):
+    """Load the base model named in the adapter config in `dtype`, apply the adapter, merge it into the weights."""
     from peft import PeftConfig, PeftModel
 
     cfg = PeftConfig.from_pretrained(str(adapter_dir))
-    dtype = models.DTYPES[model.dtype] if model is not None else torch.float32
     kwargs = {"num_labels": 1} if "SequenceClassification" in auto_cls.__name__ else {}
     base = auto_cls.from_pretrained(cfg.base_model_name_or_path, dtype=dtype, **kwargs)
     if kwargs:

@@ -39,6 +39,7 @@ from alignment.distributed import (
 from alignment.errors import UserError
 from alignment.metrics import MetricsLogger, truncate_metrics
 from alignment.models import (
+    DTYPES,
     enable_gradient_checkpointing,
     load_causal_lm,
     load_tokenizer,
@@ -75,9 +76,11 @@ from alignment.training import (
     ZeroSettings,
     device,
     finite,
+    ignored_accelerate_settings,
     init_distributed,
     make_inference_model,
     make_train_engine,
+    zero3_init,
 )
 from reward.composite import CompositeReward
 from reward.functions import load_reward_function
@@ -133,16 +136,23 @@ def run(recipe: PPORecipe, engine=None) -> None:
             model, zero, lr, train.weight_decay, train.warmup_steps, algo.micro_batch_size, micro_per_minibatch, train.max_grad_norm
         )
 
-    policy_model = _policy_model(recipe, zero)
-    value_model = TokenValueModel(load_value_model(recipe.value)) if estimator.needs_critic else None
+    if rank == 0:
+        for warning in ignored_accelerate_settings(recipe.policy.dtype):
+            print(f"warning: the accelerate config's {warning}", flush=True)
+    with zero3_init(zero, DTYPES[recipe.policy.dtype]):  # models built sharded when the config asks (zero3_init_flag)
+        policy_model = _policy_model(recipe, zero)
+        value_model = TokenValueModel(load_value_model(recipe.value)) if estimator.needs_critic else None
+        reference_model = load_causal_lm(recipe.reference or recipe.policy)
+        # The RM is sharded like the reference under ZeRO-3, in the policy's dtype unless its term says otherwise.
+        reward = CompositeReward.from_recipe(recipe.rewards, dev, recipe.policy.dtype,
+                                             place=lambda model: make_inference_model(model, zero))
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(policy_model)
         if value_model is not None:
             enable_gradient_checkpointing(value_model.inner)
     policy = train_engine(policy_model, train.learning_rate)
     critic = train_engine(value_model, train.critic_learning_rate) if value_model is not None else None
-    reference = make_inference_model(load_causal_lm(recipe.reference or recipe.policy), zero)
-    reward = CompositeReward.from_recipe(recipe.rewards, dev)
+    reference = make_inference_model(reference_model, zero)
     for name, scorer in reward.scorers.items():
         scorer.check_rendering(conversational=not isinstance(prompt_columns["prompt"][0], str))
         # a whole answer must fit the RM: it is never scored on a prefix
@@ -541,7 +551,9 @@ def _load_checkpoint(path: Path, policy, critic, kl_ctl, running_reward, rank: i
 def _write_hf_policy(policy, tokenizer, target: Path, rank: int) -> None:
     """Full policy weights in HF format (safetensors) that vLLM loads as is; under ZeRO-3 every rank takes
     part in the gathers and rank 0 writes."""
-    state_dict = dict(named_tensors(policy))  # LoRA: merged into the base weights, under the base model's names
+    # Streamed to host memory one gathered module at a time (the whole model never sits on rank 0's GPU). LoRA:
+    # merged into the base weights, under the base model's names.
+    state_dict = dict(named_tensors(policy, device="cpu"))
     if rank == 0:
         model = policy.module
         base = model.get_base_model() if hasattr(model, "get_base_model") else model

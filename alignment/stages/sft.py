@@ -95,7 +95,7 @@ def run(recipe: SFTRecipe) -> dict:
         if recipe.model.lora is None or recipe.sft.merge_lora_on_export:
             after = gold_eval_path(final, recipe.gold_eval, models.DTYPES[recipe.model.dtype])
         else:  # final/ holds the adapter: evaluate base + adapter merged in memory
-            after = gold_eval(common.merge_adapter(layout.adapter, AutoModelForCausalLM, recipe.model), tokenizer, recipe.gold_eval)
+            after = gold_eval(common.merge_adapter(layout.adapter, AutoModelForCausalLM, models.DTYPES[recipe.model.dtype]), tokenizer, recipe.gold_eval)
         summary["gold_after"] = after.mean
         logger.log(trainer.state.global_step, {"gold/mean": after.mean})
         examples = [{"prompt": p, "completion": c, "gold": s} for p, c, s in zip(after.prompts[:5], after.completions[:5], after.scores[:5])]
