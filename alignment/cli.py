@@ -75,18 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     rollout = sub.add_parser("rollout", help="rollout servers (vLLM behind HTTP) for dedicated generation devices")
     rollout_sub = rollout.add_subparsers(dest="action", metavar="<action>", required=True)
     serve = rollout_sub.add_parser("serve", help="serve a model for generation and weight sync over HTTP")
-    serve.add_argument("--model", required=True, help="HF checkpoint directory")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8100)
-    serve.add_argument("--devices", default=None, help="GPU ids reserved for this server (sets CUDA_VISIBLE_DEVICES)")
-    serve.add_argument("--dtype", default="float32")
-    serve.add_argument("--max-model-len", type=int, default=512)
-    serve.add_argument("--seed", type=int, default=0)
+    from rollout.server import add_serve_arguments
+
+    add_serve_arguments(serve)
 
     validate = sub.add_parser("validate", help="validate recipes without running them (stage read from each recipe's `stage:` key)")
     validate.add_argument("recipes", nargs="+")
     validate.add_argument("--no-path-check", action="store_true", help="skip checks that local paths exist")
     validate.add_argument("--data", action="store_true", help="also load, check and clean each recipe's datasets and print the data report")
+    validate.add_argument("--memory", action="store_true", help="also print each training recipe's memory plan (per rank, "
+                          "from the models' config.json; nothing is loaded)")
+    validate.add_argument("--accelerate-config", default=None, help="with --memory: the accelerate config the recipe will be "
+                          "launched with (default: one process, no DeepSpeed)")
+    validate.add_argument("--gpu-gib", type=float, default=None, help="with --memory: plan for GPUs of this many GiB "
+                          "(default: this machine's GPU, else a CPU run in this machine's memory)")
     return parser
 
 
@@ -98,14 +100,13 @@ def _run(args: argparse.Namespace) -> None:
         print(f"tiny default written to {paths.root}")
         return
     if args.command == "rollout":
-        if args.devices is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
-        from rollout.server import serve
+        from rollout.server import serve_from_args
 
-        serve(model=args.model, host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed)
+        serve_from_args(args)
         return
     if args.command == "validate":
-        _validate(args.recipes, check_paths=not args.no_path_check, check_data=args.data)
+        memory = _memory_launch(args.accelerate_config, args.gpu_gib) if args.memory else None
+        _validate(args.recipes, check_paths=not args.no_path_check, check_data=args.data, memory=memory)
         return
     stage: Stage = args.stage
     if "RANK" in os.environ:  # a rank of a launched run: it must not outlive its launcher
@@ -130,7 +131,20 @@ def _run(args: argparse.Namespace) -> None:
 DATA_KINDS = {"sft": ("data", "sft"), "rm": ("data", "preference"), "ppo": ("prompts", "prompt")}
 
 
-def _validate(paths: list[str], check_paths: bool, check_data: bool = False) -> None:
+def _memory_launch(accelerate_config: str | None, gpu_gib: float | None):
+    from alignment.memory_plan import GiB, Launch
+
+    if accelerate_config is not None and not os.path.isfile(accelerate_config):
+        raise UserError(f"--accelerate-config: no such file '{accelerate_config}'")
+    if gpu_gib is None:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB
+    return Launch.from_accelerate_config(accelerate_config, gpu_gib)
+
+
+def _validate(paths: list[str], check_paths: bool, check_data: bool = False, memory=None) -> None:
     from alignment.config.schema import read_recipe_yaml
 
     for path in paths:
@@ -142,6 +156,12 @@ def _validate(paths: list[str], check_paths: bool, check_data: bool = False) -> 
         if check_data and name in DATA_KINDS:
             _check_data(recipe, *DATA_KINDS[name])
         print(f"{path}: ok")
+        if memory is not None:
+            from alignment.memory_plan import plan_recipe
+
+            plan = plan_recipe(name, recipe, memory, recipe_path=path)
+            if plan is not None:
+                print(plan.render())
 
 
 def _check_data(recipe, attribute: str, kind: str) -> None:

@@ -108,7 +108,7 @@ def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
     on_group = _to_group(t)
     parts = [torch.empty_like(on_group) for _ in range(world_size())]
     dist.all_gather(parts, on_group)
-    return _from_group(torch.cat(parts), t)
+    return torch.cat([_from_group(part, t) for part in parts])
 
 
 def any_rank(flag: bool) -> bool:

@@ -60,7 +60,8 @@ def launch_servers(
     model: str, count: int, devices: list[str], *, dtype: str, max_model_len: int, seed: int, timeout_s: float,
     ready_timeout_s: float = 600.0, log_dir: str | None = None,
 ) -> LaunchedServers:
-    """Start `count` servers for `model`; server i sees devices[i] (if given). Logs go to log_dir/rollout-server-i.log."""
+    """Start `count` servers for `model`; server i sees devices[i] (if given; several devices, e.g. "0,1", make it
+    tensor-parallel over them). Logs go to log_dir/rollout-server-i.log."""
     if devices and len(devices) != count:
         raise RolloutError(f"rollout.server_devices lists {len(devices)} device sets for {count} servers")
     urls, processes = [], []
@@ -71,11 +72,11 @@ def launch_servers(
         env = dict(os.environ)
         for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # not part of the trainer's group
             env.pop(var, None)
-        if devices:
-            env["CUDA_VISIBLE_DEVICES"] = devices[i]
         log = open(os.path.join(log_dir, f"rollout-server-{i}.log"), "w") if log_dir else subprocess.DEVNULL
         cmd = [sys.executable, "-m", "alignment", "rollout", "serve", "--model", model, "--port", str(port),
                "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed)]
+        if devices:  # the server sees only these; a server given several splits its replica over them (tensor parallel)
+            cmd += ["--devices", devices[i]]
         # A new session: the server and the engine processes it spawns form one group, stopped together.
         processes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         urls.append(f"http://127.0.0.1:{port}")

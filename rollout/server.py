@@ -177,20 +177,39 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rollout.server", description=__doc__.splitlines()[0])
+def add_serve_arguments(ap: argparse.ArgumentParser) -> None:
+    """The server's options (`alignment rollout serve` and `python -m rollout.server`). Defaults suit the device:
+    on GPUs bf16 and the model's own context length, on CPU float32 and 1024 tokens."""
     ap.add_argument("--model", required=True, help="HF-format checkpoint directory or hub name")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from other hosts)")
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--devices", default=None, help="GPU ids reserved for this server (sets CUDA_VISIBLE_DEVICES)")
     ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
-    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weights dtype (default: bfloat16 on GPUs, float32 on CPU); match the trainer for exact log-probs")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="context length (default: the model's own on GPUs, 1024 on CPU)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=None,
+                    help="GPUs one model replica is split over (default: every device in --devices)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default=None)
-    args = ap.parse_args(argv)
+
+
+def serve_from_args(args: argparse.Namespace) -> None:
+    if args.devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
     kwargs = {"seed": args.seed, "dtype": args.dtype}
     if args.engine == "vllm":
         kwargs["max_model_len"] = args.max_model_len
+        tp = args.tensor_parallel_size or (len(args.devices.split(",")) if args.devices else 1)
+        if tp > 1:
+            kwargs["tensor_parallel_size"] = tp
     serve(args.model, args.host, args.port, engine=args.engine, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m rollout.server", description=__doc__.splitlines()[0])
+    add_serve_arguments(ap)
+    serve_from_args(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

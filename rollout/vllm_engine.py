@@ -19,6 +19,7 @@ WORKER_EXTENSION = "rollout.worker_extension.WeightSyncExtension"
 # log_softmax(logits / temperature) after top-k/top-p masking. vLLM's default, "raw_logprobs",
 # ignores the temperature, which would bias every PPO importance ratio at T != 1.
 LOGPROBS_MODE = "processed_logprobs"
+CPU_MAX_MODEL_LEN = 1024  # default context on CPU, where the KV cache is small (GPUs default to the model's own)
 
 
 def to_sampling_params(sampling: SamplingConfig, prompt_index: int = 0):
@@ -103,7 +104,7 @@ class VLLMEngine:
         *,
         dtype: str | None = None,
         seed: int = 0,
-        max_model_len: int = 1024,
+        max_model_len: int | None = None,
         enforce_eager: bool | None = None,
         kv_cache_gib: float = 1,
         gpu_memory_utilization: float | None = None,
@@ -136,13 +137,14 @@ class VLLMEngine:
             # support: the engine died ("CPU Generator does not use offset") as soon as one step's prompts exceeded the
             # default budget of 4096 tokens (e.g. 32 prompts x 8 samples x 20 tokens). A budget of every running
             # sequence at full length means no prompt is ever cut.
+            max_model_len = max_model_len or CPU_MAX_MODEL_LEN
             llm_kwargs.setdefault("max_num_seqs", 256)
             llm_kwargs.setdefault("max_num_batched_tokens", llm_kwargs["max_num_seqs"] * max_model_len)
         self.model = str(model)
         self.llm = LLM(
             model=self.model,
             tokenizer=tokenizer,
-            dtype=dtype or ("float32" if on_cpu else "auto"),
+            dtype=dtype or ("float32" if on_cpu else "bfloat16"),
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             seed=seed,
             max_model_len=max_model_len,

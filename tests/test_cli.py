@@ -318,3 +318,22 @@ def test_library_errors_from_a_users_model_or_data_are_one_line(capsys, tmp_path
         err = [line for line in err if line.strip() and "%|" not in line]  # datasets' progress bar shares stderr
         assert_one_error(code, err, fragment)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    # GPU defaults: bf16 and the model's own context length are the engine's (None here); one replica per device set
+    ([], {"seed": 0, "dtype": None, "max_model_len": None}),
+    (["--devices", "2,3"], {"seed": 0, "dtype": None, "max_model_len": None, "tensor_parallel_size": 2}),
+    (["--devices", "0,1,2,3", "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "512"],
+     {"seed": 0, "dtype": "float32", "max_model_len": 512, "tensor_parallel_size": 2}),
+])
+def test_rollout_serve_options(monkeypatch, argv, expected):
+    import rollout.server
+
+    got = {}
+    monkeypatch.setattr(rollout.server, "serve", lambda model, host, port, engine, **kwargs: got.update(kwargs, model=model))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert main(["rollout", "serve", "--model", "m", *argv]) == 0
+    assert got == {**expected, "model": "m"}
+    if "--devices" in argv:
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == argv[argv.index("--devices") + 1]

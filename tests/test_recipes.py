@@ -28,6 +28,7 @@ EXPECTED = {  # file: (distributed type, processes, zero stage or None, optimize
     "gpu8_zero3.yaml": ("DEEPSPEED", 8, 3, "none"),
     "gpu8_zero3_offload.yaml": ("DEEPSPEED", 8, 3, "cpu"),
     "multinode_zero3.yaml": ("DEEPSPEED", 16, 3, "none"),
+    "multinode_ppo_zero3.yaml": ("DEEPSPEED", 12, 3, "none"),  # 2 nodes x 6 training GPUs
 }
 
 
@@ -49,5 +50,5 @@ def test_accelerate_config(path):
     assert "gradient_accumulation_steps" not in ds and "gradient_clipping" not in ds  # left to the trainer ("auto")
     if path.name.startswith("cpu_zero"):
         assert not config.use_cpu  # Accelerator(cpu=True) would drop the DeepSpeed plugin
-    if path.name == "multinode_zero3.yaml":
+    if path.name.startswith("multinode_"):
         assert config.num_machines == 2 and config.main_process_ip and ds["deepspeed_multinode_launcher"] == "standard"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from alignment import distributed, models
+from alignment import distributed, memory_plan, models
 from alignment.checkpoint import atomic_directory, latest_checkpoint, prune, publish
 from alignment.config.sections import ModelSection, OutputSection, TrainSection
 from alignment.config.schema import save_resolved
@@ -66,6 +66,7 @@ class StageStart:
     layout: RunLayout
     resume: Path | None  # checkpoint to resume from; None for a fresh start
     tokenizer: object
+    plan: memory_plan.MemoryPlan | None = None  # the memory plan, printed by open_output (rank 0)
 
 
 def start_stage(recipe) -> StageStart:
@@ -86,6 +87,7 @@ def open_output(start: StageStart, recipe, stage: str) -> MetricsLogger:
     prepare_output(start.layout, recipe.output, start.resume)
     if distributed.is_main():
         save_resolved(recipe, start.layout.root, stage)
+        start.plan = memory_plan.announce(stage, recipe)
     return make_logger(start.layout)
 
 
@@ -404,8 +406,11 @@ def write_probe(layout: RunLayout, probe: dict) -> None:
         os.replace(tmp, layout.root / "probe.json")
 
 
-def write_summary(layout: RunLayout, summary: dict) -> None:
+def write_summary(layout: RunLayout, summary: dict, plan: memory_plan.MemoryPlan | None = None) -> None:
+    """`<output.dir>/summary.json` with the memory plan's per-rank total and rank 0's measured peak."""
     if distributed.is_main():
+        summary = {**summary, "memory_gib": {"planned_per_rank": plan.per_rank / memory_plan.GiB if plan else None,
+                                             "peak_rank0": memory_plan.peak_bytes() / memory_plan.GiB}}
         tmp = layout.summary.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, layout.summary)

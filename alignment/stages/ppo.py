@@ -24,6 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from alignment import checkpoint as ckpt
+from alignment import memory_plan
 from alignment.config.ppo import PPORecipe
 from alignment.config.schema import save_resolved
 from alignment.data import load_stage_data
@@ -136,9 +137,11 @@ def run(recipe: PPORecipe, engine=None) -> None:
             model, zero, lr, train.weight_decay, train.warmup_steps, algo.micro_batch_size, micro_per_minibatch, train.max_grad_norm
         )
 
+    plan = None
     if rank == 0:
         for warning in ignored_accelerate_settings(recipe.policy.dtype):
             print(f"warning: the accelerate config's {warning}", flush=True)
+        plan = memory_plan.announce("ppo", recipe, prompt_tokens=max(len(ids) for ids in prompt_ids))
     with zero3_init(zero, DTYPES[recipe.policy.dtype]):  # models built sharded when the config asks (zero3_init_flag)
         policy_model = _policy_model(recipe, zero)
         value_model = TokenValueModel(load_value_model(recipe.value)) if estimator.needs_critic else None
@@ -288,6 +291,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             "ppo/logprob_mismatch": token_mult_prob_error(batch.sampler_logp, batch.old_logp, mask),
             "sync/probe_mult_prob_error": probe_error,
             "rollout/staleness": float(step - batch.weight_version),
+            "memory/peak_gib": memory_plan.peak_bytes() / memory_plan.GiB,
             **train_stats,
         }
         if gold is not None:
@@ -319,7 +323,10 @@ def run(recipe: PPORecipe, engine=None) -> None:
     progress.close()
     if rollouts is not None:
         rollouts.close()
-    _export_final(policy, tokenizer, out, rank, {"steps": train.steps, "final_metrics": last_metrics})
+    _export_final(policy, tokenizer, out, rank, {
+        "steps": train.steps, "final_metrics": last_metrics,
+        "memory_gib": {"planned_per_rank": plan.per_rank / memory_plan.GiB if plan else None,
+                       "peak_rank0": memory_plan.peak_bytes() / memory_plan.GiB}})
     logger.close()
     unlock_output_dir(out)
     if rank == 0 and owns_engine:

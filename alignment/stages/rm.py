@@ -103,7 +103,7 @@ def run(recipe: RMRecipe) -> dict:
             logger.log(trainer.state.global_step, {"gold/agreement": summary["gold_agreement"]["agreement"]})
         _print_summary(summary, final)
     distributed.barrier()
-    common.write_summary(layout, summary)
+    common.write_summary(layout, summary, start.plan)
     common.close_output(layout, logger)
     return summary
 

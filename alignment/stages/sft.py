@@ -104,7 +104,7 @@ def run(recipe: SFTRecipe) -> dict:
 
     if distributed.is_main():
         _print_summary(summary, final)
-    common.write_summary(layout, summary)
+    common.write_summary(layout, summary, start.plan)
     common.close_output(layout, logger)
     return summary
 
