@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from alignment.lifetime import exit_with_launcher_or_parent
+
+    exit_with_launcher_or_parent()  # a rank or a server we launched must not outlive what started it
     if args.command == "tiny":
         from alignment.tiny import build_tiny
 
@@ -109,10 +112,6 @@ def _run(args: argparse.Namespace) -> None:
         _validate(args.recipes, check_paths=not args.no_path_check, check_data=args.data, memory=memory)
         return
     stage: Stage = args.stage
-    if "RANK" in os.environ:  # a rank of a launched run: it must not outlive its launcher
-        from alignment.distributed import exit_with_launcher
-
-        exit_with_launcher()
     if args.help_recipe:
         from alignment.config.schema import describe_schema
 
@@ -125,6 +124,9 @@ def _run(args: argparse.Namespace) -> None:
         print(f"{args.recipe}: ok")
         return
     resolve(stage.runner)(recipe)
+    from alignment.distributed import shutdown
+
+    shutdown()
 
 
 # Recipe section holding each stage's data, and the kind it is read as (alignment.data.load_stage_data).

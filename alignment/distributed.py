@@ -11,10 +11,7 @@ torch.distributed really has a world of N (see shared/ENVIRONMENT.md), so all ou
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 
 import torch
 import torch.distributed as dist
@@ -39,6 +36,15 @@ def is_main() -> bool:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group once every rank is done. A rank that simply exits while another still works (rank 0
+    writing the final export) could abort in the group's threads at exit ("terminate called without an active
+    exception", seen once in CI with a 2-rank ZeRO-3 RM run)."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def group_device() -> torch.device:
@@ -114,21 +120,3 @@ def gather_across_ranks(t: torch.Tensor) -> torch.Tensor:
 def any_rank(flag: bool) -> bool:
     """True if `flag` is true on any rank: keeps every rank on the same branch (ZeRO-3 needs lockstep)."""
     return all_reduce_sum(1.0 if flag else 0.0) > 0
-
-
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def exit_with_launcher() -> None:
-    """Under a launcher (accelerate, torchrun: RANK is set), have Linux send this rank SIGTERM when its parent, the
-    launcher's agent, dies.
-
-    torch's elastic agent starts every rank in a process group of its own, so killing `accelerate launch` (a user's
-    kill, the OOM killer) left the ranks alive and still writing into the output directory; a rerun then raced
-    them. Elsewhere (no launcher, not Linux) this does nothing.
-    """
-    if "RANK" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        return  # not fatal: the rank then merely outlives a killed launcher, as before

@@ -327,9 +327,10 @@ def _rollout_engine_line(recipe, launch: Launch, policy: tuple[ModelShape, str] 
         return PlanLine("rollout engine (HF, rank 0)", policy[0].params * DTYPE_BYTES[recipe.rollout.dtype],
                         note="a whole policy copy")
     if engine == "vllm":
-        if launch.on_gpu:  # weights and KV cache on this GPU, at vLLM's default share of it
-            return PlanLine("rollout engine (vLLM, colocated)", int(VLLM_GPU_MEMORY_UTILIZATION * launch.device_bytes),
-                            note=f"vLLM's default gpu_memory_utilization {VLLM_GPU_MEMORY_UTILIZATION}")
+        if launch.on_gpu:  # weights and KV cache on this GPU, at the share it is given
+            share = recipe.rollout.gpu_memory_utilization or VLLM_GPU_MEMORY_UTILIZATION
+            note = f"gpu_memory_utilization {share}" + (" (asleep while training)" if recipe.rollout.sleep else "")
+            return PlanLine("rollout engine (vLLM, colocated)", int(share * launch.device_bytes), note=note)
         return PlanLine("rollout engine front end (vLLM)", VLLM_FRONT_END_CPU, note="measured; weights and KV cache "
                         "live in its own process")
     return None

@@ -13,15 +13,19 @@ import subprocess
 import sys
 
 from alignment.errors import RolloutError
+from alignment.lifetime import EXIT_WITH_PARENT
 from rollout.remote import RemoteEngine
 
 
 class LaunchedServers(RemoteEngine):
     """A RemoteEngine that owns its server processes."""
 
-    def __init__(self, urls: list[str], processes: list[subprocess.Popen], timeout: float, ready_timeout: float):
+    def __init__(self, urls: list[str], processes: list[subprocess.Popen], timeout: float, weight_sync: str = "shm"):
         self.processes = processes
-        super().__init__(urls, timeout=timeout)
+        super().__init__(urls, timeout=timeout, weight_sync=weight_sync)
+
+    def wait_until_ready(self, ready_timeout: float) -> LaunchedServers:
+        """Wait for every server's /health; stop them all and raise RolloutError (naming the dead) after the time."""
         try:
             self.wait_ready(ready_timeout)
         except RolloutError:
@@ -29,6 +33,7 @@ class LaunchedServers(RemoteEngine):
             self.close()
             hint = f" (servers that exited: {', '.join(dead)}; see their logs)" if dead else ""
             raise RolloutError(f"rollout servers did not become ready within {ready_timeout:.0f} s{hint}") from None
+        return self
 
     def close(self) -> None:
         """Stop every server with its vLLM engine processes (each server leads its own process group)."""
@@ -58,10 +63,11 @@ def _free_port() -> int:
 
 def launch_servers(
     model: str, count: int, devices: list[str], *, dtype: str, max_model_len: int, seed: int, timeout_s: float,
-    ready_timeout_s: float = 600.0, log_dir: str | None = None,
+    ready_timeout_s: float | None = 600.0, log_dir: str | None = None, weight_sync: str = "shm",
 ) -> LaunchedServers:
     """Start `count` servers for `model`; server i sees devices[i] (if given; several devices, e.g. "0,1", make it
-    tensor-parallel over them). Logs go to log_dir/rollout-server-i.log."""
+    tensor-parallel over them). Logs go to log_dir/rollout-server-i.log. With ready_timeout_s None it returns at
+    once (the caller does other work while they start, then calls `wait_until_ready`)."""
     if devices and len(devices) != count:
         raise RolloutError(f"rollout.server_devices lists {len(devices)} device sets for {count} servers")
     urls, processes = [], []
@@ -72,12 +78,15 @@ def launch_servers(
         env = dict(os.environ)
         for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # not part of the trainer's group
             env.pop(var, None)
+        env[EXIT_WITH_PARENT] = "1"  # the server (and with it its engine) ends when the trainer does, even by SIGKILL
         log = open(os.path.join(log_dir, f"rollout-server-{i}.log"), "w") if log_dir else subprocess.DEVNULL
         cmd = [sys.executable, "-m", "alignment", "rollout", "serve", "--model", model, "--port", str(port),
-               "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed)]
+               "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
+               "--weight-sync", "gloo" if weight_sync == "shm" else weight_sync]  # the shm route works with any
         if devices:  # the server sees only these; a server given several splits its replica over them (tensor parallel)
             cmd += ["--devices", devices[i]]
         # A new session: the server and the engine processes it spawns form one group, stopped together.
         processes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         urls.append(f"http://127.0.0.1:{port}")
-    return LaunchedServers(urls, processes, timeout=timeout_s, ready_timeout=ready_timeout_s)
+    servers = LaunchedServers(urls, processes, timeout=timeout_s, weight_sync=weight_sync)
+    return servers if ready_timeout_s is None else servers.wait_until_ready(ready_timeout_s)

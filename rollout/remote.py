@@ -4,8 +4,9 @@ Prompts are split into contiguous shards, one per server, sent concurrently (dat
 samples come back in prompt order. Every request has a timeout: a dead or hung server raises
 `alignment.errors.RolloutError` naming the server, never a silent hang.
 
-Weight sync goes through chunked safetensors files in /dev/shm (rollout.weight_sync.ShmTransport),
-so the servers must run on the trainer's host; every server loads every chunk.
+Weight sync: `weight_sync="shm"` writes chunked safetensors files in the trainer's /dev/shm that every server
+loads (servers on the trainer's host only); "gloo" (TCP, any host) or "nccl" (GPUs) stream the weights through
+vLLM's weight-transfer API, the servers' workers joining one transfer group with this process.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import torch
 
 from alignment.errors import RolloutError
 from rollout.types import Sample, SamplingConfig, SyncStats
-from rollout.weight_sync import DEFAULT_CHUNK_BYTES, ShmTransport
+from rollout.weight_sync import (
+    DEFAULT_CHUNK_BYTES,
+    ServersSyncClient,
+    ShmTransport,
+    TransferEngineTransport,
+    as_weight_source,
+    local_address_towards,
+)
 
 
 class RemoteEngine:
@@ -41,6 +49,8 @@ class RemoteEngine:
         wait_ready: float = 0.0,
         shm_dir: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        weight_sync: str = "shm",
+        master_address: str | None = None,
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
@@ -49,10 +59,21 @@ class RemoteEngine:
         self.timeout = float(timeout)
         self.weight_version = 0
         self._shm = ShmTransport(shm_dir, chunk_bytes)
+        self.weight_sync = weight_sync
+        self.master_address = master_address or local_address_towards(self.urls[0])
+        self._transfer = None  # built at the first sync, when every server is up
         self._pool = ThreadPoolExecutor(max_workers=len(self.urls), thread_name_prefix="rollout-remote")
         if wait_ready > 0:
             self.wait_ready(wait_ready)
             self.weight_version = self.health(self.urls[0])["weight_version"]
+
+    def _transfer_transport(self) -> TransferEngineTransport:
+        if self._transfer is None:
+            sizes = [int(r["world_size"]) for r in self._all("/get_world_size")]
+            client = ServersSyncClient(self.urls, sizes, timeout_s=self.timeout)
+            self._transfer = TransferEngineTransport(self.weight_sync, client, 1 + sum(sizes), self.master_address,
+                                                     timeout_s=self.timeout)
+        return self._transfer
 
     # ------------------------------------------------------------------------------ HTTP
     def _request(self, url: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
@@ -126,6 +147,23 @@ class RemoteEngine:
         return samples
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
+        """Send the weights to every server (see the module docstring); later samples carry `version`."""
+        if self.weight_sync != "shm":
+            try:
+                stats = self._transfer_transport().send(as_weight_source(named_tensors))
+            except RolloutError:
+                raise
+            except Exception as exc:
+                raise RolloutError(f"weight sync ({self.weight_sync}) to {', '.join(self.urls)} failed: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            # vLLM's trainer engine finishes the round without a version: tag it on every server
+            replies = self._all("/update_weight_version", {"weight_version": str(int(version))})
+            self._check_versions(replies, version)
+            self.weight_version = int(version)
+            return stats
+        return self._update_through_shm(named_tensors, version)
+
+    def _update_through_shm(self, named_tensors, version: int) -> SyncStats:
         """Write chunks to shm and have every server load each one; the chunk files are removed here."""
 
         def begin():
@@ -136,13 +174,16 @@ class RemoteEngine:
 
         def finish():
             replies = self._all("/update_weights", {"paths": [], "begin": False, "finish": True, "version": int(version)})
-            bad = [(u, r["weight_version"]) for u, r in zip(self.urls, replies) if r["weight_version"] != int(version)]
-            if bad:
-                raise RolloutError(f"rollout servers report the wrong weight version after sync: {bad}")
+            self._check_versions(replies, version)
 
         stats = self._shm.send(named_tensors, begin=begin, load=load, finish=finish)
         self.weight_version = int(version)
         return stats
+
+    def _check_versions(self, replies: list[dict], version: int) -> None:
+        bad = [(u, r["weight_version"]) for u, r in zip(self.urls, replies) if r["weight_version"] != int(version)]
+        if bad:
+            raise RolloutError(f"rollout servers report the wrong weight version after sync: {bad}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,15 @@ Endpoints (all JSON):
      begin (maybe with the first paths), then more paths, then finish with the version; /generate
      answers 409 while such an update is open.
 
+vLLM's weight-transfer routes, as a stock `vllm serve` in dev mode has them (so vLLM's HTTP client drives both),
+for engines started with a transfer backend (`--weight-sync gloo`, the default, or `nccl`):
+  GET  /get_world_size                -> {"world_size": workers that receive weights}
+  POST /init_weight_transfer_engine   {"init_info": {...}}   join the trainer's transfer group
+  POST /start_weight_update           {}                     open a layerwise reload
+  POST /update_weights                {"update_info": {...}} receive one round (blocks until received)
+  POST /finish_weight_update          {"weight_version": str} close it
+  POST /update_weight_version         {"weight_version": str} later samples carry that version
+
 Run: `python -m rollout.server --model DIR --port 8000` (loopback by default).
 """
 
@@ -59,7 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         st = self.state
-        if self.path == "/health":
+        if self.path.startswith("/get_world_size"):
+            self._reply(200, {"world_size": self._sync_engine().world_size})
+        elif self.path == "/health":
             self._reply(
                 200,
                 {
@@ -81,8 +92,16 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self.path == "/generate":
                 self._generate(body)
+            elif self.path == "/update_weights" and "update_info" in body:
+                self._transfer("update", body)
             elif self.path == "/update_weights":
                 self._update_weights(body)
+            elif self.path in ("/init_weight_transfer_engine", "/start_weight_update", "/finish_weight_update"):
+                self._transfer(self.path.strip("/").split("_")[0], body)
+            elif self.path == "/update_weight_version":
+                with self.state.lock:
+                    self.state.engine.weight_version = int(body["weight_version"])
+                self._reply(200, {"weight_version": self.state.engine.weight_version})
             else:
                 self._reply(404, {"error": f"no route POST {self.path}"})
         except (KeyError, TypeError, ValueError) as exc:
@@ -103,6 +122,36 @@ class _Handler(BaseHTTPRequestHandler):
             version = st.engine.weight_version
         self._reply(200, {"samples": [s.to_dict() for s in samples], "weight_version": version})
 
+    def _sync_engine(self):
+        engine = self.state.engine
+        if getattr(engine, "_transfer", None) is None:
+            raise ValueError("this server's engine has no weight-transfer backend (start it with --weight-sync gloo or nccl)")
+        return engine
+
+    def _transfer(self, step: str, body: dict) -> None:
+        """One step of vLLM's weight-transfer lifecycle. `init` and `update` block in the transfer's collectives
+        until the trainer's side joins; generation answers 409 from start to finish."""
+        st = self.state
+        engine = self._sync_engine()
+        client = engine.sync_client
+        if step == "init":
+            client.init_weight_transfer_engine(body["init_info"])
+        elif step == "start":
+            with st.lock:
+                client.start_weight_update()
+                st.updating = True
+        elif step == "update":
+            try:
+                client.update_weights(body["update_info"])
+            except Exception:
+                st.updating = False
+                raise
+        else:
+            with st.lock:
+                st.updating = False
+                engine.finish_transfer(int(body.get("weight_version") or engine.weight_version))
+        self._reply(200, {"weight_version": engine.weight_version})
+
     def _update_weights(self, body: dict) -> None:
         st = self.state
         paths = [str(p) for p in body.get("paths") or []]
@@ -113,7 +162,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise ValueError("update_weights: 'version' is required to finish an update")
         for p in paths:
             if not os.path.isfile(p):
-                raise ValueError(f"update_weights: no such file on the server's host: {p}")
+                raise ValueError(f"update_weights: no such file on the server's host: {p} (a server on another host, or "
+                                 "in a container without the trainer's /dev/shm, needs rollout.weight_sync: gloo)")
         start = time.perf_counter()
         nbytes = sum(os.path.getsize(p) for p in paths)
         with st.lock:
@@ -192,6 +242,9 @@ def add_serve_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tensor-parallel-size", type=int, default=None,
                     help="GPUs one model replica is split over (default: every device in --devices)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight-sync", choices=["gloo", "nccl", "shm"], default="gloo",
+                    help="weight-transfer backend the trainer drives through the vLLM routes: gloo (TCP, any host) or "
+                    "nccl (GPUs); the /dev/shm route works with any")
 
 
 def serve_from_args(args: argparse.Namespace) -> None:
@@ -200,6 +253,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
     kwargs = {"seed": args.seed, "dtype": args.dtype}
     if args.engine == "vllm":
         kwargs["max_model_len"] = args.max_model_len
+        kwargs["weight_transport"] = args.weight_sync
         tp = args.tensor_parallel_size or (len(args.devices.split(",")) if args.devices else 1)
         if tp > 1:
             kwargs["tensor_parallel_size"] = tp

@@ -9,7 +9,13 @@ from collections.abc import Iterable
 import torch
 
 from rollout.types import Sample, SamplingConfig, SyncStats
-from rollout.weight_sync import DEFAULT_CHUNK_BYTES, NCCLTransport, ShmTransport
+from rollout.weight_sync import (
+    DEFAULT_CHUNK_BYTES,
+    LLMSyncClient,
+    ShmTransport,
+    TransferEngineTransport,
+    as_weight_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +98,9 @@ class VLLMEngine:
     `vllm.LLM` keyword passes through `llm_kwargs`.
 
     weight_transport: "shm" (CPU / same host: chunked safetensors in /dev/shm, loaded by the worker
-    extension; the default) or "nccl" (GPU: vLLM's native weight-transfer API, see NCCLTransport;
-    pass `nccl={"master_port": ..., "world_size": ...}`).
+    extension; the default), or a backend of vLLM's weight-transfer API: "gloo" (TCP, ours:
+    rollout/gloo_transfer.py) or "nccl" (the trainer on another GPU). With either, the engine also serves the
+    API's lifecycle to a remote trainer (`sync_client`), as a rollout server does.
 
     Build it under `if __name__ == "__main__":`: vLLM spawns its engine-core process.
     """
@@ -112,7 +119,7 @@ class VLLMEngine:
         weight_transport: str = "shm",
         shm_dir: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        nccl: dict | None = None,
+        transfer_timeout_s: float = 600.0,
         **llm_kwargs,
     ):
         on_cpu = not torch.cuda.is_available()
@@ -120,15 +127,18 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
         from vllm import LLM
 
-        if weight_transport not in ("shm", "nccl"):
-            raise ValueError(f"weight_transport must be 'shm' or 'nccl', got {weight_transport!r}")
+        if weight_transport not in ("shm", "gloo", "nccl"):
+            raise ValueError(f"weight_transport must be 'shm', 'gloo' or 'nccl', got {weight_transport!r}")
         if llm_kwargs.get("logprobs_mode", LOGPROBS_MODE) != LOGPROBS_MODE:
             log.warning("logprobs_mode=%s: sample logprobs will not be the sampling distribution's", llm_kwargs["logprobs_mode"])
         llm_kwargs.setdefault("logprobs_mode", LOGPROBS_MODE)
-        if weight_transport == "nccl":
+        if weight_transport != "shm":
             from vllm.config import WeightTransferConfig
 
-            llm_kwargs.setdefault("weight_transfer_config", WeightTransferConfig(backend="nccl"))
+            from rollout.gloo_transfer import register
+
+            register()  # this process; vLLM's own processes load it as a plugin (pyproject.toml)
+            llm_kwargs.setdefault("weight_transfer_config", WeightTransferConfig(backend=weight_transport))
         if gpu_memory_utilization is not None:
             llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if on_cpu:
@@ -154,7 +164,10 @@ class VLLMEngine:
         self.weight_version = 0
         self.weight_transport = weight_transport
         self._shm = ShmTransport(shm_dir, chunk_bytes)
-        self._nccl = NCCLTransport(self.llm, **(nccl or {})) if weight_transport == "nccl" else None
+        self.sync_client = LLMSyncClient(self.llm)
+        self.world_size = self.llm.get_world_size(include_dp=True)  # vLLM workers that receive weights
+        self._transfer = (TransferEngineTransport(weight_transport, self.sync_client, 1 + self.world_size,
+                                                  timeout_s=transfer_timeout_s) if weight_transport != "shm" else None)
 
     # ------------------------------------------------------------------------------ generation
     def generate(self, prompts: list[str] | list[list[int]], sampling: SamplingConfig) -> list[Sample]:
@@ -177,8 +190,8 @@ class VLLMEngine:
     # ------------------------------------------------------------------------------ weights
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
         """Load new weights (HF names) into the running engine and tag later samples with `version`."""
-        if self._nccl is not None:
-            stats = self._nccl.send(named_tensors, version)
+        if self._transfer is not None:
+            stats = self._transfer.send(as_weight_source(named_tensors))
         else:
             try:
                 stats = self._shm.send(
@@ -209,6 +222,18 @@ class VLLMEngine:
 
     def finish_weight_update(self, version: int) -> None:
         self._finish_reload()
+        self._after_update(version)
+
+    def sleep(self) -> None:
+        """Free the GPU for training: weights to host memory, KV cache dropped (needs enable_sleep_mode=True)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def finish_transfer(self, version: int) -> None:
+        """End a weight-transfer round driven from outside (a rollout server's routes)."""
+        self.sync_client.finish_weight_update(str(version))
         self._after_update(version)
 
     def _after_update(self, version: int) -> None:

@@ -11,21 +11,27 @@ Two pieces:
   - `ShmTransport` (CPU / same host): safetensors files in /dev/shm, written in chunks of about
     `chunk_bytes` (write to a temp name, then rename), each loaded by the vLLM worker extension
     inside one layerwise-reload session and deleted. Memory stays bounded by one chunk.
-  - `NCCLTransport` (GPU, disaggregated): vLLM 0.32's native weight-transfer API over NCCL.
+  - `TransferEngineTransport`: vLLM's weight-transfer API, `nccl` on GPUs or our `gloo` over TCP (CPUs, engines on
+    other hosts), streaming the gathered layers into fixed-size buckets.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
+import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+from alignment.errors import RolloutError
 from rollout.types import SyncStats
 
 log = logging.getLogger(__name__)
@@ -138,7 +144,7 @@ def sync_weights(engine, model: torch.nn.Module, version: int, dtype: torch.dtyp
     same gathers so the collectives line up. Returns the SyncStats on rank 0, None elsewhere.
     """
     if _rank() == 0:
-        return engine.update_weights(named_tensors(model, dtype=dtype), version)
+        return engine.update_weights(ModelWeights(model, dtype), version)
     for _ in named_tensors(model, dtype=dtype):
         pass
     return None
@@ -238,6 +244,21 @@ class ShmTransport:
         self.directory = directory or default_shm_dir()
         self.chunk_bytes = int(chunk_bytes)
 
+    def check_space(self, weights) -> None:
+        """Stop before writing when the directory cannot hold one chunk (containers give /dev/shm 64 MB by
+        default): a chunk of `chunk_bytes`, or the whole model when it is smaller (known from its metadata)."""
+        need = self.chunk_bytes
+        if hasattr(weights, "metadata"):
+            need = min(need, sum(math.prod(m.shape) * m.dtype.itemsize for m in weights.metadata()))
+        if shutil.disk_usage(self.directory).free < need:
+            raise RolloutError(self._no_space(need))
+
+    def _no_space(self, need: int) -> str:
+        free = shutil.disk_usage(self.directory).free
+        return (f"weight sync: {self.directory} has {free / 2**20:.0f} MiB free, a chunk of the weights needs "
+                f"{need / 2**20:.0f} MiB; enlarge it (docker run --shm-size=2g, or a larger tmpfs) or use "
+                "rollout.weight_sync: gloo, which needs no shared memory")
+
     def send(
         self,
         pairs: Iterable[tuple[str, torch.Tensor]],
@@ -247,21 +268,138 @@ class ShmTransport:
     ) -> SyncStats:
         start = time.perf_counter()
         total, count = 0, 0
+        self.check_space(pairs)
         begin()
-        for chunk in write_chunks(pairs, self.directory, self.chunk_bytes):
-            load(chunk.path)
-            total += chunk.bytes
-            count += chunk.tensors
+        try:
+            for chunk in write_chunks(pairs, self.directory, self.chunk_bytes):
+                load(chunk.path)
+                total += chunk.bytes
+                count += chunk.tensors
+        except Exception as exc:  # OSError from Python, SafetensorError ("os error 28") from safetensors' writer
+            if getattr(exc, "errno", None) == errno.ENOSPC or f"os error {errno.ENOSPC})" in str(exc):
+                raise RolloutError(self._no_space(self.chunk_bytes)) from None
+            raise
         if count == 0:
             raise ValueError("weight sync got no tensors")
         finish()
         return SyncStats(bytes=total, seconds=time.perf_counter() - start, tensors=count)
 
 
-# ------------------------------------------------------------------------------------------ NCCL (GPU)
+# ------------------------------------------------------------------------------------------ vLLM's weight-transfer API
 
 
-class _LLMSyncClient:
+class ModelWeights:
+    """A trainer model's weights as vLLM's `WeightSource` protocol wants them: `metadata()` (names, dtypes and full
+    shapes, read without gathering anything) and iteration (`named_tensors`, gathered layer by layer under ZeRO-3),
+    in the same order. Plain iteration is all the shm transport needs."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None):
+        self.model, self.dtype = model, dtype
+
+    def metadata(self) -> list:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        model = _unwrap(self.model)
+        if hasattr(model, "merge_adapter"):  # peft: the base weights under their plain names (see named_tensors)
+            params = [(n.replace(".base_layer", ""), p) for n, p in model.get_base_model().named_parameters()
+                      if "lora_" not in n]
+        else:
+            params = list(model.named_parameters())
+        # ZeRO-3 keeps the full shape in ds_shape (the local tensor is a flat shard)
+        return [ParamMeta(n, self.dtype or p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in params]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return named_tensors(self.model, dtype=self.dtype)
+
+
+class PairsWeights:
+    """A weight source over already materialised `(name, tensor)` pairs (metadata read from them)."""
+
+    def __init__(self, pairs: Iterable[tuple[str, torch.Tensor]]):
+        self.pairs = list(pairs)
+
+    def metadata(self) -> list:
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.pairs]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self.pairs)
+
+
+def as_weight_source(weights):
+    """`weights` itself when it declares its metadata (ModelWeights), else its pairs materialised."""
+    return weights if hasattr(weights, "metadata") else PairsWeights(weights)
+
+
+def local_address_towards(url: str) -> str:
+    """This host's address on the route to `url`'s host (what a server there can reach us at)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or "127.0.0.1"
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))  # no packet is sent: this only picks the route
+        return s.getsockname()[0]
+
+
+class TransferEngineTransport:
+    """Trainer side of vLLM's weight-transfer API: `nccl` (GPUs) or `gloo` (TCP: CPUs, other hosts; ours, in
+    rollout/gloo_transfer.py), through `WeightTransferTrainerFactory`.
+
+    `client` is a `VLLMWeightSyncClient`: the in-process `vllm.LLM` (wrapped by `LLMSyncClient`) or servers'
+    HTTP routes (`ServersSyncClient`). `world_size` = 1 (this trainer rank) + every worker behind the client. The
+    first `send` rendezvouses (this process hosts the store on a free port of `master_address`, which the workers
+    must reach); each send then streams the model from the ZeRO-3 gather straight into the transfer's buckets.
+    Only trainer rank 0 uses it; other ranks merely iterate `named_tensors` (see `sync_weights`).
+    """
+
+    def __init__(self, backend: str, client, world_size: int, master_address: str = "127.0.0.1",
+                 timeout_s: float = 600.0):
+        self.backend, self.client, self.world_size = backend, client, int(world_size)
+        self.master_address, self.timeout_s = master_address, float(timeout_s)
+        self._engine = None
+
+    def _connect(self, weights) -> None:
+        import socket
+
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from rollout.gloo_transfer import GlooTrainerInitInfo, register
+
+        register()
+        with socket.socket() as s:  # a free port on the address the workers will dial
+            s.bind((self.master_address, 0))
+            port = s.getsockname()[1]
+        if self.backend == "nccl":
+            if not torch.cuda.is_available():
+                raise RuntimeError("weight sync 'nccl' needs CUDA on the trainer; on CPU use 'gloo'")
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+            info = NCCLTrainerInitInfo(master_address=self.master_address, master_port=port, world_size=self.world_size, rank=0)
+        else:
+            info = GlooTrainerInitInfo(master_address=self.master_address, master_port=port, world_size=self.world_size,
+                                       timeout_s=self.timeout_s, rank=0)
+        self._engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=weights)
+
+    def send(self, weights: ModelWeights) -> SyncStats:
+        start = time.perf_counter()
+        if self._engine is None:
+            self._connect(weights)
+        self._engine.source = weights
+        meta = weights.metadata()
+        if not meta:
+            raise ValueError("weight sync got no tensors")
+        self._engine.send_weights()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in meta)
+        return SyncStats(bytes=nbytes, seconds=time.perf_counter() - start, tensors=len(meta))
+
+
+class LLMSyncClient:
     """Adapts an in-process `vllm.LLM` to vLLM's `VLLMWeightSyncClient` protocol (four methods)."""
 
     def __init__(self, llm):
@@ -280,95 +418,31 @@ class _LLMSyncClient:
         self.llm.finish_weight_update(weight_version)
 
 
-class _PairsSource:
-    """A vLLM `WeightSource` over one round's `(name, tensor)` pairs (materialised once per round)."""
+class ServersSyncClient:
+    """`VLLMWeightSyncClient` over several servers' weight-transfer HTTP routes (a stock `vllm serve` in dev mode, or
+    `alignment rollout serve`), driven as one: every call goes to all of them at once (their workers meet in the same
+    collectives), and each server's workers take their own ranks after those of the servers before it."""
 
-    def __init__(self):
-        self.pairs: list[tuple[str, torch.Tensor]] = []
+    def __init__(self, urls: list[str], world_sizes: list[int], timeout_s: float):
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
 
-    def metadata(self):
-        from vllm.distributed.weight_transfer.base import ParamMeta
+        self.clients = [HTTPVLLMWeightSyncClient(u, timeout=timeout_s) for u in urls]
+        self.world_sizes = world_sizes
 
-        return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.pairs]
+    def _all(self, call) -> None:
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
+            for future in [pool.submit(call, i, c) for i, c in enumerate(self.clients)]:
+                future.result()
 
-    def __iter__(self):
-        return iter(self.pairs)
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        offsets = [init_info["rank_offset"] + sum(self.world_sizes[:i]) for i in range(len(self.clients))]
+        self._all(lambda i, c: c.init_weight_transfer_engine({**init_info, "rank_offset": offsets[i]}))
 
+    def start_weight_update(self) -> None:
+        self._all(lambda i, c: c.start_weight_update())
 
-class NCCLTransport:
-    """GPU transport over vLLM 0.32's native weight-transfer API (NCCL broadcast). Needs CUDA.
+    def update_weights(self, update_info) -> None:
+        self._all(lambda i, c: c.update_weights(update_info))
 
-    Setup (disaggregated: the trainer and the vLLM workers sit on *different* GPUs; NCCL refuses
-    two ranks on one device — for one shared GPU use vLLM's "ipc" backend instead):
-
-    1. Start the engine with the NCCL backend enabled:
-       `VLLMEngine(model, weight_transport="nccl")` (which passes
-       `weight_transfer_config=WeightTransferConfig(backend="nccl")` to `vllm.LLM`), or a server
-       `vllm serve MODEL --weight-transfer-config '{"backend": "nccl"}'` in dev mode
-       (`VLLM_SERVER_DEV_MODE=1`), which exposes `/init_weight_transfer_engine`,
-       `/start_weight_update`, `/update_weights`, `/finish_weight_update`.
-    2. On trainer rank 0 (its CUDA device current), build the transport with a client — the
-       in-process `vllm.LLM` (wrapped automatically) or
-       `vllm.distributed.weight_transfer.clients.HTTPVLLMWeightSyncClient(url)` — and a free TCP
-       port; `world_size` = 1 (trainer) + the engine's TP x PP x DP workers.
-       `connect()` rendezvouses: the workers join the NCCL group (ranks 1..) while the trainer
-       opens rank 0.
-    3. Each sync, `send(pairs, version)`: the workers start a layerwise reload, receive the
-       broadcast (packed into ~1 GB buffers by default) and `load_weights` as it arrives, then
-       finish the reload; the version is recorded on the engine.
-    Other trainer ranks do not call this; under ZeRO-3 they only iterate `named_tensors(model)`.
-    """
-
-    def __init__(
-        self,
-        client,
-        master_address: str = "127.0.0.1",
-        master_port: int = 29555,
-        world_size: int = 2,
-        packed: bool = True,
-    ):
-        if not hasattr(client, "start_weight_update"):
-            raise TypeError("client must be a vllm.LLM or a VLLMWeightSyncClient")
-        if type(client).__name__ == "LLM":
-            client = _LLMSyncClient(client)
-        self.client = client
-        self.master_address = master_address
-        self.master_port = int(master_port)
-        self.world_size = int(world_size)
-        self.packed = packed
-        self._source = _PairsSource()
-        self._engine = None
-
-    def connect(self) -> None:
-        if not torch.cuda.is_available():
-            raise RuntimeError("NCCLTransport needs CUDA; on CPU use ShmTransport")
-        from vllm.distributed.weight_transfer.nccl_engine import (
-            NCCLTrainerInitInfo,
-            NCCLTrainerWeightTransferEngine,
-        )
-
-        info = NCCLTrainerInitInfo(
-            master_address=self.master_address,
-            master_port=self.master_port,
-            world_size=self.world_size,
-            packed=self.packed,
-            rank=0,
-        )
-        self._engine = NCCLTrainerWeightTransferEngine.trainer_init(info, client=self.client, source=self._source)
-
-    def send(self, pairs: Iterable[tuple[str, torch.Tensor]], version: int) -> SyncStats:
-        if self._engine is None:
-            self.connect()
-        start = time.perf_counter()
-        device = torch.device("cuda", torch.cuda.current_device())
-        self._source.pairs = [(n, t.detach().to(device)) for n, t in pairs]
-        if not self._source.pairs:
-            raise ValueError("weight sync got no tensors")
-        try:
-            self._engine.send_weights()
-            torch.cuda.synchronize()
-        finally:
-            nbytes = sum(t.nbytes for _, t in self._source.pairs)
-            count = len(self._source.pairs)
-            self._source.pairs = []
-        return SyncStats(bytes=nbytes, seconds=time.perf_counter() - start, tensors=count)
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all(lambda i, c: c.finish_weight_update(weight_version))

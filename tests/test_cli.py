@@ -322,10 +322,12 @@ def test_library_errors_from_a_users_model_or_data_are_one_line(capsys, tmp_path
 
 @pytest.mark.parametrize("argv, expected", [
     # GPU defaults: bf16 and the model's own context length are the engine's (None here); one replica per device set
-    ([], {"seed": 0, "dtype": None, "max_model_len": None}),
-    (["--devices", "2,3"], {"seed": 0, "dtype": None, "max_model_len": None, "tensor_parallel_size": 2}),
-    (["--devices", "0,1,2,3", "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "512"],
-     {"seed": 0, "dtype": "float32", "max_model_len": 512, "tensor_parallel_size": 2}),
+    ([], {"seed": 0, "dtype": None, "max_model_len": None, "weight_transport": "gloo"}),
+    (["--devices", "2,3"], {"seed": 0, "dtype": None, "max_model_len": None, "weight_transport": "gloo",
+                            "tensor_parallel_size": 2}),
+    (["--devices", "0,1,2,3", "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "512",
+      "--weight-sync", "nccl"],
+     {"seed": 0, "dtype": "float32", "max_model_len": 512, "weight_transport": "nccl", "tensor_parallel_size": 2}),
 ])
 def test_rollout_serve_options(monkeypatch, argv, expected):
     import rollout.server

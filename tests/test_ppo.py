@@ -315,7 +315,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_paths, tiny_sft, tiny_
 
 @pytest.mark.e2e
 def test_zero3_two_processes_with_rollout_server(tiny_paths, tiny_sft, tiny_rm, tmp_path):
-    """2 training processes under DeepSpeed ZeRO-3 + a rollout server in its own process, synced every step."""
+    """2 training processes under DeepSpeed ZeRO-3 + a rollout server in its own process, synced every step over gloo
+    (vLLM's weight-transfer API: rank 0 streams the layers the ranks gather together)."""
     from conftest import run_stage
     from transformers import AutoModelForCausalLM
 
@@ -323,7 +324,7 @@ def test_zero3_two_processes_with_rollout_server(tiny_paths, tiny_sft, tiny_rm, 
     run_stage(
         "ppo", TINY_PPO,
         [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out), "rollout.engine=remote", "rollout.launch_servers=1",
-         "train.steps=4", "output.save_steps=2", "eval=null"],  # steps 1-2 warm up the critic, 3-4 move the actor
+         "rollout.weight_sync=gloo", "train.steps=4", "output.save_steps=2", "eval=null"],  # steps 1-2 warm up the critic, 3-4 move the actor
         accelerate_config=REPO / "recipes" / "accelerate" / "cpu_zero3.yaml", timeout=900,
     )
     metrics = read_metrics(out)
@@ -472,3 +473,59 @@ def test_ranks_die_with_a_killed_launcher_and_the_rerun_resumes(tiny_paths, tiny
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "resumed at step" in rerun.stdout
     assert [m["step"] for m in read_metrics(out)][-1] == 4
+
+
+class SleepRecorder:
+    """A colocated engine stand-in around the HF engine that records the PPO loop's calls and refuses any work while
+    asleep (a sleeping vLLM engine has no weights or KV cache on the GPU)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.asleep = inner, [], False
+
+    @property
+    def weight_version(self):
+        return self.inner.weight_version
+
+    def _record(self, call: str) -> None:
+        assert not self.asleep or call == "wake", f"{call} while the engine sleeps (calls so far: {self.calls})"
+        self.calls.append(call)
+
+    def generate(self, prompts, sampling):
+        self._record("generate")
+        return self.inner.generate(prompts, sampling)
+
+    def update_weights(self, weights, version):
+        self._record("update")
+        return self.inner.update_weights(weights, version)
+
+    def sleep(self):
+        self._record("sleep")
+        self.asleep = True
+
+    def wake_up(self):
+        self._record("wake")
+        self.asleep = False
+
+    def close(self):
+        pass
+
+
+def test_a_sleeping_engine_is_woken_for_every_sync_and_generation(tiny_paths, tiny_sft, tiny_rm, tmp_path):
+    """rollout.sleep: the real PPO loop puts the colocated engine to sleep once its rollouts are in, and wakes it
+    before the weight sync; the sync check's probe and the next generation find it awake."""
+    from alignment.stages.ppo import run
+    from rollout.hf_engine import HFEngine
+
+    engine = SleepRecorder(HFEngine(str(tiny_sft.final)))
+    run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path / "run", "rollout.sleep=true", "train.steps=2", "eval=null",
+                    "train.prompts_per_step=4"), engine=engine)
+    start = ["update", "generate"]  # the first sync, then its probe
+    step = ["generate", "sleep", "wake", "update", "generate"]  # rollouts, sleep through training, sync, probe
+    assert engine.calls == start + step + step
+
+
+def test_sleep_needs_a_colocated_synchronous_engine(tiny_paths, tiny_sft, tiny_rm, tmp_path):
+    with pytest.raises(RecipeError, match="rollout.sleep: cannot be combined with rollout.async_generation"):
+        tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path, "rollout.sleep=true", "rollout.async_generation=true")
+    with pytest.raises(RecipeError, match="rollout.sleep: only a colocated engine"):
+        tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path, "rollout.sleep=true", "rollout.engine=hf")

@@ -375,7 +375,7 @@ def test_remote_server_generate_sync_and_death(server_proc, tiny_dir):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and the CUDA vllm build")
 def test_nccl_transport_gpu(tmp_path):  # pragma: no cover - runs only on a 2-GPU machine
-    """NCCL sync into a vLLM engine on another GPU (needs 2 GPUs; see rollout.weight_sync.NCCLTransport)."""
+    """NCCL sync into a vLLM engine on another GPU (needs 2 GPUs; see rollout.weight_sync.TransferEngineTransport)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("NCCL weight transfer needs the trainer and vLLM on different GPUs")
     from rollout.vllm_engine import VLLMEngine
@@ -385,9 +385,34 @@ def test_nccl_transport_gpu(tmp_path):  # pragma: no cover - runs only on a 2-GP
     model_dir = Path(build_tiny(tmp_path / "tiny").base)
     torch.cuda.set_device(0)
     os.environ["CUDA_VISIBLE_DEVICES"] = "1"  # the engine's worker process gets GPU 1
-    engine = VLLMEngine(str(model_dir), max_model_len=MAX_LEN, weight_transport="nccl",
-                        nccl={"master_port": free_port(), "world_size": 2}, gpu_memory_utilization=0.2)
+    engine = VLLMEngine(str(model_dir), max_model_len=MAX_LEN, weight_transport="nccl", gpu_memory_utilization=0.2)
     state = random_weights(model_dir, seed=1)
     stats = engine.update_weights(((k, v.cuda()) for k, v in state.items()), version=1)
     assert stats.bytes > 0 and engine.weight_version == 1
     engine.close()
+
+
+def test_a_full_shm_stops_the_sync_with_the_fix_named(tmp_path):
+    """A /dev/shm too small for a chunk (containers give it 64 MB) is a clear error before anything is written."""
+    from alignment.errors import RolloutError
+    from rollout.weight_sync import ModelWeights, ShmTransport
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "shm"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights
+        calls = []
+        with pytest.raises(RolloutError, match=r"has 1 MiB free, a chunk of the weights needs 4 MiB.*weight_sync: gloo"):
+            ShmTransport(str(small)).send(ModelWeights(model), begin=lambda: calls.append("begin"), load=calls.append,
+                                          finish=lambda: calls.append("finish"))
+        assert calls == [] and list(small.iterdir()) == []
+        # a source without metadata finds out when the disk fills: the same message, nothing left behind
+        with pytest.raises(RolloutError, match="weight_sync: gloo"):
+            ShmTransport(str(small), chunk_bytes=512 * 1024).send(list(model.named_parameters()), begin=lambda: None,
+                                                                   load=lambda path: None, finish=lambda: None)
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

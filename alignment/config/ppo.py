@@ -38,14 +38,24 @@ class RolloutSection:
     launch_servers: int = option(0, help="engine=remote: start this many local servers (devices below) instead of using `servers`", min=0)
     server_devices: list[str] = option([], help="engine=remote with launch_servers: CUDA_VISIBLE_DEVICES for each server, e.g. ['0,1', '2,3']")
     timeout_s: float = option(120.0, help="a rollout request not answered by then is an error", min=1.0)
-    # The rollout layer also has an NCCL transport (vLLM's weight-transfer engine, trainer and vLLM on
-    # different GPUs: rollout.weight_sync.NCCLTransport); PPO does not route it to servers yet.
-    weight_sync: Literal["shm"] = option("shm", help="shm: chunked safetensors files in /dev/shm, for engines on the trainer's host")
+    weight_sync: Literal["shm", "gloo", "nccl"] = option(
+        "shm", help="how new weights reach the engine: shm (chunked safetensors in the trainer's /dev/shm: engines on "
+        "this host), gloo (vLLM's weight-transfer API over TCP: servers on any host, CPUs), nccl (the same over NCCL: "
+        "GPUs)")
+    trainer_address: str | None = option(
+        None, help="weight_sync gloo/nccl: the address rollout servers reach this trainer at (default: this host's "
+        "address on the route to the first server)")
     sync_check_tolerance: float | None = option(
         None, help="after each weight sync the engine and the trainer score a probe of fixed prompts: largest allowed "
         "token_mult_prob_error (None: 1.02 when engine and policy are float32, 1.10 otherwise)", min=1.0)
     sync_check_max_bad: int = option(3, help="stop after this many consecutive syncs over the tolerance", min=1)
     max_model_len: int = option(512, help="vLLM context length", min=16)
+    gpu_memory_utilization: float | None = option(
+        None, help="engine=vllm on a GPU: the share of the GPU vLLM may take for weights and KV cache (None: vLLM's "
+        "0.9, which leaves nothing to train with on a shared GPU)", min=0.01, max=1.0)
+    sleep: bool = option(
+        False, help="engine=vllm on a GPU: put the engine to sleep (weights to host memory, KV cache freed) while the "
+        "trainer scores and trains, and wake it for the weight sync and generation")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="vLLM weights dtype; match the trainer for exact logprobs")
     sampling: SamplingSection = option(SamplingSection(samples_per_prompt=4), help="sampling parameters")
     async_generation: bool = option(
@@ -142,6 +152,11 @@ class PPORecipe:
         errors += [f"algorithm.kl: {e}" for e in validate_kl(self.algorithm.kl.estimator, self.algorithm.kl.placement)]
         if self.algorithm.kl.target is not None and self.algorithm.kl.target <= 0:
             errors.append(f"algorithm.kl.target: must be > 0 for the adaptive controller, got {self.algorithm.kl.target}")
+        if self.rollout.sleep and self.rollout.engine != "vllm":
+            errors.append("rollout.sleep: only a colocated engine (rollout.engine: vllm) can sleep during training")
+        if self.rollout.sleep and self.rollout.async_generation:
+            errors.append("rollout.sleep: cannot be combined with rollout.async_generation, which generates while the "
+                          "trainer trains")
         if self.rollout.async_generation and self.algorithm.tis_cap is None:
             errors.append("algorithm.tis_cap: required when rollout.async_generation is true (it corrects for "
                           "rollouts sampled by the previous policy)")

@@ -126,6 +126,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
     # ---- data
     tokenizer = load_tokenizer(recipe.policy)
     prompts = load_stage_data(recipe.prompts, "prompt", tokenizer).train
+    # Servers we launch start now (the data is good): their start-up overlaps the loading of the training models.
+    launched = _launch_servers(recipe) if rank == 0 and engine is None and recipe.rollout.launch_servers else None
     prompt_ids = [render_prompt(tokenizer, p) for p in prompts["prompt"]]
     # Plain lists, read once: indexing a `datasets.Dataset` row by row decodes a row per access, every step.
     prompt_columns = prompts.to_dict()
@@ -180,7 +182,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         state = _load_checkpoint(latest, policy, critic, kl_ctl, running_reward, rank)
     owns_engine = engine is None
     if rank == 0 and engine is None:
-        engine = _make_rollout_engine(recipe)
+        engine = launched.wait_until_ready(recipe.rollout.timeout_s) if launched else _make_rollout_engine(recipe)
     # The engine may hold other weights (a resumed run, a shared engine): make it serve the policy's.
     sync_weights(engine, policy, version=state.step)
     sync_check = SyncCheck(prompt_ids, recipe.rollout.sync_check_tolerance_for(recipe.policy.dtype),
@@ -215,6 +217,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
         if rank == 0:
             step_rollouts = rollouts.get(step, rows)
             samples, generate_seconds = step_rollouts.samples, step_rollouts.generate_seconds
+            if recipe.rollout.sleep:  # the GPU is the trainer's until the sync
+                engine.sleep()
             if step + 1 < train.steps:  # peek at the next rows; `state` moves on when that step takes them
                 rollouts.prefetch(step + 1, _next_prompt_rows(replace(state), len(prompts), train.prompts_per_step, train.seed))
         samples = broadcast_from_main(samples)
@@ -271,6 +275,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
         # ---- 5. weight sync: every rank takes part in the ZeRO-3 gather, rank 0 sends (after a prefetch ends)
         if rank == 0:
             timings["generate_wait"] = rollouts.wait()
+            if recipe.rollout.sleep:
+                engine.wake_up()
         t3 = time.perf_counter()
         sync_stats = sync_weights(engine, policy, version=step + 1)
         timings["sync"] = time.perf_counter() - t3
@@ -486,16 +492,30 @@ def _make_rollout_engine(recipe: PPORecipe):
     r = recipe.rollout
     policy_path = recipe.policy.name_or_path
     if r.engine == "vllm":
+        if r.sleep and not torch.cuda.is_available():
+            raise UserError("rollout.sleep: needs the engine on a GPU (on CPU nothing is gained: turn it off)")
         return make_engine("vllm", model=policy_path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.train.seed,
-                           weight_transport=r.weight_sync)
+                           weight_transport=r.weight_sync, transfer_timeout_s=r.timeout_s,
+                           gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.sleep)
     if r.engine == "hf":
         return make_engine("hf", model=policy_path)
-    if r.launch_servers:
-        from rollout.launch import launch_servers
+    return make_engine("remote", urls=r.servers, timeout=r.timeout_s, wait_ready=r.timeout_s, weight_sync=r.weight_sync,
+                       master_address=r.trainer_address)
 
-        return launch_servers(policy_path, r.launch_servers, r.server_devices, dtype=r.dtype, max_model_len=r.max_model_len,
-                              seed=recipe.train.seed, timeout_s=r.timeout_s, log_dir=recipe.output.dir)
-    return make_engine("remote", urls=r.servers, timeout=r.timeout_s, wait_ready=r.timeout_s)
+
+def _launch_servers(recipe: PPORecipe):
+    """Start the recipe's rollout servers without waiting for them (`wait_until_ready` does). Their logs go to a
+    directory of their own: output.dir is not this run's until it holds its lock."""
+    import tempfile
+
+    from rollout.launch import launch_servers
+
+    r = recipe.rollout
+    log_dir = tempfile.mkdtemp(prefix="alignment-rollout-servers-")
+    print(f"ppo: starting {r.launch_servers} rollout server(s), logs in {log_dir}", flush=True)
+    return launch_servers(recipe.policy.name_or_path, r.launch_servers, r.server_devices, dtype=r.dtype,
+                          max_model_len=r.max_model_len, seed=recipe.train.seed, timeout_s=r.timeout_s,
+                          ready_timeout_s=None, log_dir=log_dir, weight_sync=r.weight_sync)
 
 
 def _evaluate(recipe: PPORecipe, engine, tokenizer) -> dict[str, float]:
