@@ -39,10 +39,11 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group once every rank is done. A rank that simply exits while another still works (rank 0
-    writing the final export) could abort in the group's threads at exit ("terminate called without an active
-    exception", seen once in CI with a 2-rank ZeRO-3 RM run)."""
-    if is_initialized():
+    """For a launched rank (RANK set) about to exit: leave the process group once every rank is done. A rank that
+    simply exits while another still works (rank 0 writing the final export) could abort in the group's threads at
+    exit ("terminate called without an active exception", seen once in CI with a 2-rank ZeRO-3 RM run). A stage run
+    inside a longer-lived process (tests, notebooks) keeps its group: DeepSpeed holds on to it for the next run."""
+    if "RANK" in os.environ and is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 

