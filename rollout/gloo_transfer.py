@@ -138,7 +138,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        from rollout.worker_extension import reprocess_shared_weight_layers
+
         finalize_layerwise_reload(self.model, self.model_config)
+        reprocess_shared_weight_layers(self.model)  # tied embeddings: the head's kernels follow the new weight
 
     def update_weights(self, update_info: dict) -> None:
         # The base class ends with torch.accelerator.synchronize(), which fails where there is no accelerator; the

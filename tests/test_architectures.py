@@ -1,5 +1,7 @@
 """Weight sync on the architectures users bring (tests/helpers_models.py): a perturbed copy of a random tiny model
 is synced into a running vLLM engine (fp32, CPU), which must then sample with the trainer's probabilities.
+The syncs go through vLLM's weight-transfer API (our gloo backend: the path of rollout servers, and of `nccl` on
+GPUs); the /dev/shm path is checked on a tied model end to end below and on the tiny Llama throughout.
 
 One engine per family (start-up ~35 s each), closed before the next starts.
 """
@@ -28,7 +30,7 @@ def test_synced_engine_samples_with_the_trainers_probabilities(family, tiny_path
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert tied == model.config.tie_word_embeddings
-    engine = VLLMEngine(str(model_dir), dtype="float32", seed=0, max_model_len=256)
+    engine = VLLMEngine(str(model_dir), dtype="float32", seed=0, max_model_len=256, weight_transport="gloo")
     try:
         errors = []
         for version in (1, 2):  # two syncs: the second starts from synced, not loaded, weights
