@@ -72,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, stage in LABEL_ACTIONS.items():
         _add_recipe_command(label_sub, name, stage)
 
-    rollout = sub.add_parser("rollout", help="rollout servers (vLLM behind HTTP) for dedicated generation devices")
+    rollout = sub.add_parser("rollout", help="rollout servers (vLLM's OpenAI server) for dedicated generation devices")
     rollout_sub = rollout.add_subparsers(dest="action", metavar="<action>", required=True)
-    serve = rollout_sub.add_parser("serve", help="serve a model for generation and weight sync over HTTP")
-    from rollout.server import add_serve_arguments
+    serve = rollout_sub.add_parser("serve", help="start vLLM's OpenAI server with the flags PPO needs (generation, weight transfer)")
+    from rollout.serve import add_serve_arguments
 
     add_serve_arguments(serve)
 
@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> None:
         print(f"tiny default written to {paths.root}")
         return
     if args.command == "rollout":
-        from rollout.server import serve_from_args
+        from rollout.serve import serve_from_args
 
         serve_from_args(args)
         return

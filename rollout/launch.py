@@ -1,6 +1,6 @@
 """Start local rollout servers on devices reserved for them, for a PPO run that asked for `launch_servers`.
 
-Each server is `python -m alignment rollout serve` in its own process (and, on GPUs, its own
+Each server is `python -m alignment rollout serve` (vLLM's OpenAI server) in its own process (and, on GPUs, its own
 CUDA_VISIBLE_DEVICES), on a free loopback port. The returned engine stops them when closed.
 """
 
@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from alignment.errors import RolloutError
 from alignment.lifetime import EXIT_WITH_PARENT
@@ -20,19 +21,33 @@ from rollout.remote import RemoteEngine
 class LaunchedServers(RemoteEngine):
     """A RemoteEngine that owns its server processes."""
 
-    def __init__(self, urls: list[str], processes: list[subprocess.Popen], timeout: float, weight_sync: str = "shm"):
-        self.processes = processes
-        super().__init__(urls, timeout=timeout, weight_sync=weight_sync)
+    def __init__(self, urls: list[str], processes: list[subprocess.Popen], timeout: float, weight_sync: str = "shm",
+                 log_dir: str | None = None, tokenizer=None):
+        self.processes, self.log_dir = processes, log_dir
+        super().__init__(urls, timeout=timeout, weight_sync=weight_sync, tokenizer=tokenizer)
 
     def wait_until_ready(self, ready_timeout: float) -> LaunchedServers:
-        """Wait for every server's /health; stop them all and raise RolloutError (naming the dead) after the time."""
-        try:
-            self.wait_ready(ready_timeout)
-        except RolloutError:
-            dead = [p.args[-1] for p in processes if p.poll() is not None]
-            self.close()
-            hint = f" (servers that exited: {', '.join(dead)}; see their logs)" if dead else ""
-            raise RolloutError(f"rollout servers did not become ready within {ready_timeout:.0f} s{hint}") from None
+        """Wait for every server's /health; stop them all and raise RolloutError as soon as one exits, or after the
+        time (naming the servers and where their logs are)."""
+        deadline = time.monotonic() + ready_timeout
+        waiting = list(zip(self.urls, self.processes))
+        while waiting:
+            url, proc = waiting[0]
+            if proc.poll() is not None:
+                self.close()
+                raise RolloutError(f"rollout server {url} exited with code {proc.returncode} while starting; see "
+                                   f"{self.log_dir or 'its log'}")
+            try:
+                self._request(url, "/health", timeout=5.0)
+                waiting.pop(0)
+                continue
+            except RolloutError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                raise RolloutError(f"rollout server {url} did not become ready within {ready_timeout:.0f} s; see "
+                                   f"{self.log_dir or 'its log'}")
+            time.sleep(0.5)
         return self
 
     def close(self) -> None:
@@ -88,5 +103,5 @@ def launch_servers(
         # A new session: the server and the engine processes it spawns form one group, stopped together.
         processes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         urls.append(f"http://127.0.0.1:{port}")
-    servers = LaunchedServers(urls, processes, timeout=timeout_s, weight_sync=weight_sync)
+    servers = LaunchedServers(urls, processes, timeout=timeout_s, weight_sync=weight_sync, log_dir=log_dir, tokenizer=model)
     return servers if ready_timeout_s is None else servers.wait_until_ready(ready_timeout_s)

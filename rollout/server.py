@@ -1,4 +1,5 @@
-"""Rollout server: one engine (vLLM by default) behind JSON over HTTP (`alignment rollout serve`).
+"""A small JSON-over-HTTP rollout server around an engine that is not vLLM (`alignment rollout serve --engine hf`:
+transformers' generate). With vLLM, `alignment rollout serve` runs vLLM's own OpenAI server instead (rollout/serve.py).
 
 Endpoints (all JSON):
   GET  /health          -> {"status": "ok", "model": ..., "weight_version": int, "updating": bool}
@@ -10,22 +11,10 @@ Endpoints (all JSON):
      One call with begin and finish loads a whole set of files. A chunked sync sends
      begin (maybe with the first paths), then more paths, then finish with the version; /generate
      answers 409 while such an update is open.
-
-vLLM's weight-transfer routes, as a stock `vllm serve` in dev mode has them (so vLLM's HTTP client drives both),
-for engines started with a transfer backend (`--weight-sync gloo`, the default, or `nccl`):
-  GET  /get_world_size                -> {"world_size": workers that receive weights}
-  POST /init_weight_transfer_engine   {"init_info": {...}}   join the trainer's transfer group
-  POST /start_weight_update           {}                     open a layerwise reload
-  POST /update_weights                {"update_info": {...}} receive one round (blocks until received)
-  POST /finish_weight_update          {"weight_version": str} close it
-  POST /update_weight_version         {"weight_version": str} later samples carry that version
-
-Run: `python -m rollout.server --model DIR --port 8000` (loopback by default).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -68,9 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         st = self.state
-        if self.path.startswith("/get_world_size"):
-            self._reply(200, {"world_size": self._sync_engine().world_size})
-        elif self.path == "/health":
+        if self.path == "/health":
             self._reply(
                 200,
                 {
@@ -92,16 +79,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if self.path == "/generate":
                 self._generate(body)
-            elif self.path == "/update_weights" and "update_info" in body:
-                self._transfer("update", body)
             elif self.path == "/update_weights":
                 self._update_weights(body)
-            elif self.path in ("/init_weight_transfer_engine", "/start_weight_update", "/finish_weight_update"):
-                self._transfer(self.path.strip("/").split("_")[0], body)
-            elif self.path == "/update_weight_version":
-                with self.state.lock:
-                    self.state.engine.weight_version = int(body["weight_version"])
-                self._reply(200, {"weight_version": self.state.engine.weight_version})
             else:
                 self._reply(404, {"error": f"no route POST {self.path}"})
         except (KeyError, TypeError, ValueError) as exc:
@@ -122,36 +101,6 @@ class _Handler(BaseHTTPRequestHandler):
             version = st.engine.weight_version
         self._reply(200, {"samples": [s.to_dict() for s in samples], "weight_version": version})
 
-    def _sync_engine(self):
-        engine = self.state.engine
-        if getattr(engine, "_transfer", None) is None:
-            raise ValueError("this server's engine has no weight-transfer backend (start it with --weight-sync gloo or nccl)")
-        return engine
-
-    def _transfer(self, step: str, body: dict) -> None:
-        """One step of vLLM's weight-transfer lifecycle. `init` and `update` block in the transfer's collectives
-        until the trainer's side joins; generation answers 409 from start to finish."""
-        st = self.state
-        engine = self._sync_engine()
-        client = engine.sync_client
-        if step == "init":
-            client.init_weight_transfer_engine(body["init_info"])
-        elif step == "start":
-            with st.lock:
-                client.start_weight_update()
-                st.updating = True
-        elif step == "update":
-            try:
-                client.update_weights(body["update_info"])
-            except Exception:
-                st.updating = False
-                raise
-        else:
-            with st.lock:
-                st.updating = False
-                engine.finish_transfer(int(body.get("weight_version") or engine.weight_version))
-        self._reply(200, {"weight_version": engine.weight_version})
-
     def _update_weights(self, body: dict) -> None:
         st = self.state
         paths = [str(p) for p in body.get("paths") or []]
@@ -163,7 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
         for p in paths:
             if not os.path.isfile(p):
                 raise ValueError(f"update_weights: no such file on the server's host: {p} (a server on another host, or "
-                                 "in a container without the trainer's /dev/shm, needs rollout.weight_sync: gloo)")
+                                 "in a container without the trainer's /dev/shm, needs a vLLM server and rollout.weight_sync: gloo)")
         start = time.perf_counter()
         nbytes = sum(os.path.getsize(p) for p in paths)
         with st.lock:
@@ -193,25 +142,13 @@ def make_server(engine, host: str = "127.0.0.1", port: int = 8000, model_name: s
     return server
 
 
-def build_engine(model: str, engine: str = "vllm", **engine_kwargs):
-    if engine == "vllm":
-        from rollout.vllm_engine import VLLMEngine
+def serve(model: str, host: str = "127.0.0.1", port: int = 8100, **engine_kwargs) -> None:
+    """Start an HF engine on `model` and serve it until interrupted (blocking)."""
+    from rollout.hf_engine import HFEngine
 
-        return VLLMEngine(model, **engine_kwargs)
-    if engine == "hf":
-        from rollout.hf_engine import HFEngine
-
-        return HFEngine(model, **engine_kwargs)
-    raise ValueError(f"engine must be 'vllm' or 'hf', got {engine!r}")
-
-
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, engine: str = "vllm", **engine_kwargs) -> None:
-    """Start an engine on `model` and serve it until interrupted (blocking)."""
-    eng = build_engine(model, engine, **engine_kwargs)
+    eng = HFEngine(model, **engine_kwargs)
     server = make_server(eng, host, port, model_name=str(model))
-    # `kill` (SIGTERM) must also stop the engine's own processes (vLLM's engine core and workers), which
-    # would otherwise outlive the server holding gigabytes: turn it into the KeyboardInterrupt handled below.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # `kill` closes the engine too
     log.warning("rollout server for %s listening on http://%s:%d", model, host, server.server_address[1])
     print(f"rollout server ready on http://{host}:{server.server_address[1]}", flush=True)
     try:
@@ -225,46 +162,3 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, engine: str = "
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def add_serve_arguments(ap: argparse.ArgumentParser) -> None:
-    """The server's options (`alignment rollout serve` and `python -m rollout.server`). Defaults suit the device:
-    on GPUs bf16 and the model's own context length, on CPU float32 and 1024 tokens."""
-    ap.add_argument("--model", required=True, help="HF-format checkpoint directory or hub name")
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: reachable from other hosts)")
-    ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--devices", default=None, help="GPU ids reserved for this server (sets CUDA_VISIBLE_DEVICES)")
-    ap.add_argument("--engine", choices=["vllm", "hf"], default="vllm")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="weights dtype (default: bfloat16 on GPUs, float32 on CPU); match the trainer for exact log-probs")
-    ap.add_argument("--max-model-len", type=int, default=None,
-                    help="context length (default: the model's own on GPUs, 1024 on CPU)")
-    ap.add_argument("--tensor-parallel-size", type=int, default=None,
-                    help="GPUs one model replica is split over (default: every device in --devices)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weight-sync", choices=["gloo", "nccl", "shm"], default="gloo",
-                    help="weight-transfer backend the trainer drives through the vLLM routes: gloo (TCP, any host) or "
-                    "nccl (GPUs); the /dev/shm route works with any")
-
-
-def serve_from_args(args: argparse.Namespace) -> None:
-    if args.devices is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.devices
-    kwargs = {"seed": args.seed, "dtype": args.dtype}
-    if args.engine == "vllm":
-        kwargs["max_model_len"] = args.max_model_len
-        kwargs["weight_transport"] = args.weight_sync
-        tp = args.tensor_parallel_size or (len(args.devices.split(",")) if args.devices else 1)
-        if tp > 1:
-            kwargs["tensor_parallel_size"] = tp
-    serve(args.model, args.host, args.port, engine=args.engine, **kwargs)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rollout.server", description=__doc__.splitlines()[0])
-    add_serve_arguments(ap)
-    serve_from_args(ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
+from rollout.openai_completions import set_texts
 from rollout.types import Sample, SamplingConfig, SyncStats
 from rollout.weight_sync import (
     DEFAULT_CHUNK_BYTES,
@@ -26,6 +27,7 @@ WORKER_EXTENSION = "rollout.worker_extension.WeightSyncExtension"
 # ignores the temperature, which would bias every PPO importance ratio at T != 1.
 LOGPROBS_MODE = "processed_logprobs"
 CPU_MAX_MODEL_LEN = 1024  # default context on CPU, where the KV cache is small (GPUs default to the model's own)
+CPU_MAX_NUM_SEQS = 256
 
 
 def to_sampling_params(sampling: SamplingConfig, prompt_index: int = 0):
@@ -99,8 +101,7 @@ class VLLMEngine:
 
     weight_transport: "shm" (CPU / same host: chunked safetensors in /dev/shm, loaded by the worker
     extension; the default), or a backend of vLLM's weight-transfer API: "gloo" (TCP, ours:
-    rollout/gloo_transfer.py) or "nccl" (the trainer on another GPU). With either, the engine also serves the
-    API's lifecycle to a remote trainer (`sync_client`), as a rollout server does.
+    rollout/gloo_transfer.py) or "nccl" (the trainer on another GPU).
 
     Build it under `if __name__ == "__main__":`: vLLM spawns its engine-core process.
     """
@@ -148,7 +149,7 @@ class VLLMEngine:
             # default budget of 4096 tokens (e.g. 32 prompts x 8 samples x 20 tokens). A budget of every running
             # sequence at full length means no prompt is ever cut.
             max_model_len = max_model_len or CPU_MAX_MODEL_LEN
-            llm_kwargs.setdefault("max_num_seqs", 256)
+            llm_kwargs.setdefault("max_num_seqs", CPU_MAX_NUM_SEQS)
             llm_kwargs.setdefault("max_num_batched_tokens", llm_kwargs["max_num_seqs"] * max_model_len)
         self.model = str(model)
         self.llm = LLM(
@@ -176,15 +177,7 @@ class VLLMEngine:
         params = [to_sampling_params(sampling, i) for i in range(len(prompts))]
         outputs = self.llm.generate([to_vllm_prompt(p) for p in prompts], params, use_tqdm=False)
         samples = samples_from_outputs(outputs, self.weight_version)
-        # Text = the completion decoded on its own (as HFEngine and TRL do; vLLM's incremental
-        # detokenizer would prefix the prompt/completion separator, e.g. a space, for word-level
-        # tokenizers), cut before a matched stop string.
-        stop_reasons = [c.stop_reason for out in outputs for c in out.outputs]
-        texts = self.llm.get_tokenizer().batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-        for s, text, stop in zip(samples, texts, stop_reasons):
-            if isinstance(stop, str) and stop in text:
-                text = text[: text.index(stop)]
-            s.text = text
+        set_texts(self.llm.get_tokenizer(), samples, [c.stop_reason for out in outputs for c in out.outputs])
         return samples
 
     # ------------------------------------------------------------------------------ weights
@@ -230,11 +223,6 @@ class VLLMEngine:
 
     def wake_up(self) -> None:
         self.llm.wake_up()
-
-    def finish_transfer(self, version: int) -> None:
-        """End a weight-transfer round driven from outside (a rollout server's routes)."""
-        self.sync_client.finish_weight_update(str(version))
-        self._after_update(version)
 
     def _after_update(self, version: int) -> None:
         # Cached prefixes hold KV computed with the old weights.

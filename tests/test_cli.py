@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from alignment.cli import main
+from alignment.cli import build_parser, main
 from helpers_data import assistant, sft_recipe, user, write_jsonl, write_yaml
 
 CLI = [sys.executable, "-m", "alignment"]
@@ -320,22 +320,37 @@ def test_library_errors_from_a_users_model_or_data_are_one_line(capsys, tmp_path
         assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, expected", [
-    # GPU defaults: bf16 and the model's own context length are the engine's (None here); one replica per device set
-    ([], {"seed": 0, "dtype": None, "max_model_len": None, "weight_transport": "gloo"}),
-    (["--devices", "2,3"], {"seed": 0, "dtype": None, "max_model_len": None, "weight_transport": "gloo",
-                            "tensor_parallel_size": 2}),
-    (["--devices", "0,1,2,3", "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "512",
-      "--weight-sync", "nccl"],
-     {"seed": 0, "dtype": "float32", "max_model_len": 512, "weight_transport": "nccl", "tensor_parallel_size": 2}),
-])
-def test_rollout_serve_options(monkeypatch, argv, expected):
-    import rollout.server
+def _flags(cmd: list[str]) -> dict[str, str | bool]:
+    flags, i = {}, cmd.index("vllm.entrypoints.openai.api_server") + 1
+    while i < len(cmd):
+        takes_value = i + 1 < len(cmd) and not cmd[i + 1].startswith("--")
+        flags[cmd[i]] = cmd[i + 1] if takes_value else True
+        i += 2 if takes_value else 1
+    return flags
 
-    got = {}
-    monkeypatch.setattr(rollout.server, "serve", lambda model, host, port, engine, **kwargs: got.update(kwargs, model=model))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert main(["rollout", "serve", "--model", "m", *argv]) == 0
-    assert got == {**expected, "model": "m"}
+
+@pytest.mark.parametrize("argv, on_cpu, expected, absent", [
+    # GPU defaults: bf16 and the model's own context length; one replica split over each device set
+    ([], False, {"--dtype": "bfloat16", "--weight-transfer-config": '{"backend": "gloo"}'},
+     ["--max-model-len", "--tensor-parallel-size", "--enforce-eager"]),
+    (["--devices", "2,3"], False, {"--tensor-parallel-size": "2"}, ["--max-model-len"]),
+    (["--devices", "0,1,2,3", "--tensor-parallel-size", "2", "--dtype", "float32", "--max-model-len", "512",
+      "--weight-sync", "nccl", "--gpu-memory-utilization", "0.5"], False,
+     {"--dtype": "float32", "--max-model-len": "512", "--tensor-parallel-size": "2",
+      "--weight-transfer-config": '{"backend": "nccl"}', "--gpu-memory-utilization": "0.5"}, []),
+    # CPU: float32, 1024 tokens, eager, no prefill ever split
+    ([], True, {"--dtype": "float32", "--max-model-len": "1024", "--enforce-eager": True,
+                "--max-num-batched-tokens": str(256 * 1024)}, ["--tensor-parallel-size"]),
+])
+def test_rollout_serve_runs_vllms_server_with_the_flags_ppo_needs(argv, on_cpu, expected, absent):
+    from rollout.serve import vllm_server_command
+
+    cmd, env = vllm_server_command(build_parser().parse_args(["rollout", "serve", "--model", "m", *argv]), on_cpu=on_cpu)
+    flags = _flags(cmd)
+    needed = {"--model": "m", "--logprobs-mode": "processed_logprobs", "--generation-config": "vllm",
+              "--worker-extension-cls": "rollout.worker_extension.WeightSyncExtension", "--host": "127.0.0.1"}
+    assert {**needed, **expected}.items() <= flags.items()
+    assert not set(absent) & set(flags)
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"  # the weight-transfer and collective_rpc routes
     if "--devices" in argv:
-        assert os.environ["CUDA_VISIBLE_DEVICES"] == argv[argv.index("--devices") + 1]
+        assert env["CUDA_VISIBLE_DEVICES"] == argv[argv.index("--devices") + 1]

@@ -109,7 +109,8 @@ def server_proc(tiny_dir, tmp_path_factory):
     env = stage_env(VLLM_CPU_KVCACHE_SPACE="1")
     log = open(tmp_path_factory.mktemp("rollout_server") / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rollout.server", "--model", str(tiny_dir), "--port", str(port), "--max-model-len", str(MAX_LEN)],
+        [sys.executable, "-m", "alignment", "rollout", "serve", "--model", str(tiny_dir), "--port", str(port),
+         "--max-model-len", str(MAX_LEN)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     yield proc, f"http://127.0.0.1:{port}"
@@ -339,6 +340,8 @@ def test_vllm_chunked_sync(vllm_engine, tiny_dir):
 
 
 def test_remote_server_generate_sync_and_death(server_proc, tiny_dir):
+    """`alignment rollout serve` is vLLM's own OpenAI server: completions with token-id prompts, a /dev/shm sync through
+    its collective_rpc route, several servers behind one client, and a clear error once it is dead."""
     from rollout.remote import RemoteEngine
 
     proc, url = server_proc
@@ -359,6 +362,18 @@ def test_remote_server_generate_sync_and_death(server_proc, tiny_dir):
     whole = engine.generate(PROMPTS + PROMPTS[:1], sampling)
     assert [s.prompt_index for s in split] == list(range(5))
     assert [s.completion_ids for s in split] == [s.completion_ids for s in whole]
+
+    # the same seed samples the same tokens; a tokenizer decodes each completion on its own, as the colocated engine
+    from transformers import AutoTokenizer
+
+    decoding = RemoteEngine(url, timeout=60, tokenizer=str(tiny_dir))
+    again = decoding.generate(PROMPTS + PROMPTS[:1], sampling)
+    assert [s.completion_ids for s in again] == [s.completion_ids for s in whole]
+    assert [lp for s in again for lp in s.logprobs] == pytest.approx([lp for s in whole for lp in s.logprobs])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    assert [s.text for s in again] == [tokenizer.decode(s.completion_ids, skip_special_tokens=True) for s in again]
+    assert all(len(s.logprobs) == len(s.completion_ids) > 0 and s.finish_reason in ("stop", "length") for s in again)
+    decoding.close()
 
     kill_group(proc)  # a dead server (and its engine)
     start = time.monotonic()

@@ -500,7 +500,7 @@ def _make_rollout_engine(recipe: PPORecipe):
     if r.engine == "hf":
         return make_engine("hf", model=policy_path)
     return make_engine("remote", urls=r.servers, timeout=r.timeout_s, wait_ready=r.timeout_s, weight_sync=r.weight_sync,
-                       master_address=r.trainer_address)
+                       master_address=r.trainer_address, tokenizer=policy_path)
 
 
 def _launch_servers(recipe: PPORecipe):
