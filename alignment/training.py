@@ -13,6 +13,7 @@ import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -80,8 +81,11 @@ def _device(value: str | None) -> str | None:
     return None if value in (None, "", "none") else value
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
     """Join the launcher's process group, or make a world of one for a plain `alignment ppo` run.
+
+    `timeout_s`: the longest rank 0 may keep the others waiting in a collective (PPO: for a rollout server to start or
+    answer); the group's timeout (DeepSpeed's 10 minutes by default) is raised to cover it with a minute to spare.
 
     The world of one passes rank, size and address explicitly rather than through os.environ, where
     RANK/MASTER_PORT would be inherited by any process started later (a rollout server, another stage) and make
@@ -90,15 +94,18 @@ def init_distributed() -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    from deepspeed.constants import default_pg_timeout
+
+    timeout = max(default_pg_timeout, timedelta(seconds=(timeout_s or 0) + 60))
     if "RANK" in os.environ:  # started by a launcher (accelerate, torchrun, deepspeed)
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
         return
     os.environ.setdefault("LOCAL_RANK", "0")
     with socket.socket() as s:  # a free loopback port for the single-process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{port}",
-                               rank=0, world_size=1)
+                               rank=0, world_size=1, timeout=timeout)
 
 
 def device() -> torch.device:

@@ -101,7 +101,8 @@ class VLLMEngine:
 
     weight_transport: "shm" (CPU / same host: chunked safetensors in /dev/shm, loaded by the worker
     extension; the default), or a backend of vLLM's weight-transfer API: "gloo" (TCP, ours:
-    rollout/gloo_transfer.py) or "nccl" (the trainer on another GPU).
+    rollout/gloo_transfer.py), "nccl" (the trainer on another GPU) or "ipc" (CUDA IPC: the trainer on this engine's
+    GPU, colocated).
 
     Build it under `if __name__ == "__main__":`: vLLM spawns its engine-core process.
     """
@@ -126,10 +127,13 @@ class VLLMEngine:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
+        if weight_transport == "ipc":
+            # The CUDA-IPC handles reach the engine core inside collective_rpc arguments, which vLLM pickles only so
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         from vllm import LLM
 
-        if weight_transport not in ("shm", "gloo", "nccl"):
-            raise ValueError(f"weight_transport must be 'shm', 'gloo' or 'nccl', got {weight_transport!r}")
+        if weight_transport not in ("shm", "gloo", "nccl", "ipc"):
+            raise ValueError(f"weight_transport must be 'shm', 'gloo', 'nccl' or 'ipc', got {weight_transport!r}")
         if llm_kwargs.get("logprobs_mode", LOGPROBS_MODE) != LOGPROBS_MODE:
             log.warning("logprobs_mode=%s: sample logprobs will not be the sampling distribution's", llm_kwargs["logprobs_mode"])
         llm_kwargs.setdefault("logprobs_mode", LOGPROBS_MODE)

@@ -12,7 +12,7 @@ Two pieces:
     `chunk_bytes` (write to a temp name, then rename), each loaded by the vLLM worker extension
     inside one layerwise-reload session and deleted. Memory stays bounded by one chunk.
   - `TransferEngineTransport`: vLLM's weight-transfer API, `nccl` on GPUs or our `gloo` over TCP (CPUs, engines on
-    other hosts), streaming the gathered layers into fixed-size buckets.
+    other hosts), streaming the gathered layers into fixed-size buckets; `ipc` for an engine on the trainer's GPU.
 """
 
 from __future__ import annotations
@@ -346,8 +346,9 @@ def local_address_towards(url: str) -> str:
 
 
 class TransferEngineTransport:
-    """Trainer side of vLLM's weight-transfer API: `nccl` (GPUs) or `gloo` (TCP: CPUs, other hosts; ours, in
-    rollout/gloo_transfer.py), through `WeightTransferTrainerFactory`.
+    """Trainer side of vLLM's weight-transfer API: `nccl` (GPUs), `gloo` (TCP: CPUs, other hosts; ours, in
+    rollout/gloo_transfer.py), through `WeightTransferTrainerFactory`, or `ipc` (CUDA IPC into an engine colocated on
+    the trainer's GPU: packed into one bounded buffer, handed over by handle; see `_ipc_trainer_class`).
 
     `client` is a `VLLMWeightSyncClient`: the in-process `vllm.LLM` (wrapped by `LLMSyncClient`) or servers'
     HTTP routes (`ServersSyncClient`). `world_size` = 1 (this trainer rank) + every worker behind the client. The
@@ -367,18 +368,27 @@ class TransferEngineTransport:
 
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        from rollout.gloo_transfer import GlooTrainerInitInfo, register
+        from rollout.gloo_transfer import DEFAULT_BUCKET_BYTES, GlooTrainerInitInfo, register
 
+        if self.backend in ("nccl", "ipc") and not torch.cuda.is_available():
+            raise RuntimeError(f"weight sync '{self.backend}' needs CUDA on the trainer; on CPU use 'gloo'")
+        if self.backend == "ipc":
+            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+
+            # packed: the weights travel through one bounded buffer, never all copied on the GPU at once
+            self._engine = _ipc_trainer_class().trainer_init(IPCTrainerInitInfo(packed=True, rank=0), client=self.client,
+                                                             source=weights)
+            return
         register()
         with socket.socket() as s:  # a free port on the address the workers will dial
             s.bind((self.master_address, 0))
             port = s.getsockname()[1]
         if self.backend == "nccl":
-            if not torch.cuda.is_available():
-                raise RuntimeError("weight sync 'nccl' needs CUDA on the trainer; on CPU use 'gloo'")
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-            info = NCCLTrainerInitInfo(master_address=self.master_address, master_port=port, world_size=self.world_size, rank=0)
+            # vLLM's default buffers are 2 x 1 GiB on the trainer's GPU; ours match the gloo buckets (planned memory)
+            info = NCCLTrainerInitInfo(master_address=self.master_address, master_port=port, world_size=self.world_size,
+                                       packed_buffer_size_bytes=DEFAULT_BUCKET_BYTES, rank=0)
         else:
             info = GlooTrainerInitInfo(master_address=self.master_address, master_port=port, world_size=self.world_size,
                                        timeout_s=self.timeout_s, rank=0)
@@ -386,17 +396,38 @@ class TransferEngineTransport:
 
     def send(self, weights: ModelWeights) -> SyncStats:
         start = time.perf_counter()
-        if self._engine is None:
-            self._connect(weights)
-        self._engine.source = weights
         meta = weights.metadata()
         if not meta:
             raise ValueError("weight sync got no tensors")
+        if self._engine is None:
+            self._connect(weights)
+        self._engine.source = weights
         self._engine.send_weights()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in meta)
         return SyncStats(bytes=nbytes, seconds=time.perf_counter() - start, tensors=len(meta))
+
+
+def _ipc_trainer_class():
+    from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerWeightTransferEngine
+
+    class ColocatedIPCTrainer(IPCTrainerWeightTransferEngine):
+        """vLLM's CUDA-IPC trainer engine for an engine colocated with trainer rank 0, the only rank that sends.
+
+        vLLM's engine expects every trainer rank to send (FSDP: each holds the whole gathered tensor) and all-gathers
+        the handles over the default process group. Here the other ranks never call it (they only run their ZeRO-3
+        gathers, in `sync_weights`) and the engine reads rank 0's GPU alone, so there is nothing to gather: that
+        all-gather would wait for ranks that never come."""
+
+        def _all_gather_and_merge_handles(self, handles):
+            return handles
+
+        @staticmethod
+        def _post_send_sync() -> None:
+            torch.cuda.ipc_collect()
+
+    return ColocatedIPCTrainer
 
 
 class LLMSyncClient:

@@ -529,3 +529,28 @@ def test_sleep_needs_a_colocated_synchronous_engine(tiny_paths, tiny_sft, tiny_r
         tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path, "rollout.sleep=true", "rollout.async_generation=true")
     with pytest.raises(RecipeError, match="rollout.sleep: only a colocated engine"):
         tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path, "rollout.sleep=true", "rollout.engine=hf")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["rollout.engine=hf", "rollout.weight_sync=gloo"], "gloo cannot reach the hf engine"),
+    (["rollout.engine=remote", "rollout.servers=[http://h:1]", "rollout.weight_sync=ipc"], "ipc .* reaches only an engine on"),
+    (["rollout.weight_sync=nccl"], "nccl cannot connect the trainer to an engine on its own GPU"),
+])
+def test_weight_sync_must_reach_the_engine(tiny_paths, tiny_sft, tiny_rm, tmp_path, settings, message):
+    with pytest.raises(RecipeError, match=f"rollout.weight_sync: {message}"):
+        tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path, *settings)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["rollout.weight_sync=ipc"], "rollout.weight_sync: ipc needs GPUs"),
+    (["rollout.engine=remote", "rollout.servers=[http://h:1]", "rollout.weight_sync=nccl"], "rollout.weight_sync: nccl needs GPUs"),
+    (["rollout.sleep=true"], "rollout.sleep: needs the engine on a GPU"),
+])
+def test_gpu_only_rollout_settings_stop_a_cpu_run_before_anything_loads(tiny_paths, tiny_sft, tiny_rm, tmp_path,
+                                                                        settings, message):
+    from alignment.errors import UserError
+    from alignment.stages.ppo import run
+
+    with pytest.raises(UserError, match=message):
+        run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path / "run", *settings))
+    assert not (tmp_path / "run").exists()

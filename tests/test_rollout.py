@@ -387,6 +387,49 @@ def test_remote_server_generate_sync_and_death(server_proc, tiny_dir):
 # ------------------------------------------------------------------------------------------ GPU
 
 
+class RecordingSyncClient:
+    """vLLM's `VLLMWeightSyncClient` protocol, recording the calls a trainer engine makes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args))
+
+
+def test_ipc_trainer_sends_packed_from_rank_0_alone(monkeypatch):
+    """`ipc` (CUDA IPC into an engine on the trainer's GPU; no GPU here, so the CUDA queries are faked): the trainer
+    asks the engine for packed transfers (one bounded buffer, never a whole copy of the model on the GPU), and with
+    several training ranks it gathers no handles over the default group, which vLLM's engine would do and which the
+    other ranks, not holding the engine, never join."""
+    from types import SimpleNamespace
+
+    from rollout.weight_sync import PairsWeights, TransferEngineTransport
+
+    with pytest.raises(RuntimeError, match="'ipc' needs CUDA on the trainer; on CPU use 'gloo'"):
+        TransferEngineTransport("ipc", RecordingSyncClient(), 2)._connect(PairsWeights([("w", torch.zeros(1))]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid="GPU-0"))
+    client = RecordingSyncClient()
+    transport = TransferEngineTransport("ipc", client, 2)
+    transport._connect(PairsWeights([("w", torch.zeros(1))]))
+    assert client.calls == [("init_weight_transfer_engine", ({"packed": True},))]
+    assert transport._engine.is_sender and transport._engine.packed
+
+    def no_gather(*args, **kwargs):
+        raise AssertionError("handles gathered over the default group")
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", no_gather)
+    monkeypatch.setattr(torch.distributed, "barrier", no_gather)
+    handles = [{"GPU-0": ("args",)}]
+    assert transport._engine._all_gather_and_merge_handles(handles) == handles
+    monkeypatch.setattr(torch.cuda, "ipc_collect", lambda: None)
+    transport._engine._post_send_sync()  # no barrier either
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and the CUDA vllm build")
 def test_nccl_transport_gpu(tmp_path):  # pragma: no cover - runs only on a 2-GPU machine

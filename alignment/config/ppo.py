@@ -38,10 +38,10 @@ class RolloutSection:
     launch_servers: int = option(0, help="engine=remote: start this many local servers (devices below) instead of using `servers`", min=0)
     server_devices: list[str] = option([], help="engine=remote with launch_servers: CUDA_VISIBLE_DEVICES for each server, e.g. ['0,1', '2,3']")
     timeout_s: float = option(120.0, help="a rollout request not answered by then is an error", min=1.0)
-    weight_sync: Literal["shm", "gloo", "nccl"] = option(
+    weight_sync: Literal["shm", "gloo", "nccl", "ipc"] = option(
         "shm", help="how new weights reach the engine: shm (chunked safetensors in the trainer's /dev/shm: engines on "
         "this host), gloo (vLLM's weight-transfer API over TCP: servers on any host, CPUs), nccl (the same over NCCL: "
-        "GPUs)")
+        "servers on other GPUs), ipc (CUDA IPC: engine=vllm colocated on the trainer's GPU)")
     trainer_address: str | None = option(
         None, help="weight_sync gloo/nccl: the address rollout servers reach this trainer at (default: this host's "
         "address on the route to the first server)")
@@ -61,6 +61,30 @@ class RolloutSection:
     async_generation: bool = option(
         False, help="generate the next step's rollouts while this step scores and trains: samples are one policy "
         "update old (algorithm.tis_cap corrects for it); a step then takes about max(generate, score + train)")
+
+    def weight_sync_errors(self) -> list[str]:
+        """Transports that cannot reach the engine."""
+        sync, engine = self.weight_sync, self.engine
+        if engine == "hf" and sync != "shm":
+            return [f"rollout.weight_sync: {sync} cannot reach the hf engine, which runs in the trainer's process; use shm"]
+        if sync == "ipc" and engine != "vllm":
+            return ["rollout.weight_sync: ipc (CUDA IPC) reaches only an engine on the trainer's own GPU (engine: vllm); "
+                    "rollout servers take gloo or nccl"]
+        if sync == "nccl" and engine == "vllm":
+            return ["rollout.weight_sync: nccl cannot connect the trainer to an engine on its own GPU (engine: vllm); "
+                    "use ipc there, or gloo"]
+        return []
+
+    def device_errors(self, cuda: bool) -> list[str]:
+        """What this machine cannot run (checked when the stage starts: a recipe may be validated off the GPUs)."""
+        if cuda:
+            return []
+        errors = []
+        if self.weight_sync in ("nccl", "ipc"):
+            errors.append(f"rollout.weight_sync: {self.weight_sync} needs GPUs; on CPU use gloo or shm")
+        if self.sleep:
+            errors.append("rollout.sleep: needs the engine on a GPU (on CPU nothing is gained: turn it off)")
+        return errors
 
     def sync_check_tolerance_for(self, policy_dtype: str) -> float:
         """The probe's tolerance: the recipe's, else tight when both sides compute in float32."""
@@ -152,6 +176,7 @@ class PPORecipe:
         errors += [f"algorithm.kl: {e}" for e in validate_kl(self.algorithm.kl.estimator, self.algorithm.kl.placement)]
         if self.algorithm.kl.target is not None and self.algorithm.kl.target <= 0:
             errors.append(f"algorithm.kl.target: must be > 0 for the adaptive controller, got {self.algorithm.kl.target}")
+        errors += self.rollout.weight_sync_errors()
         if self.rollout.sleep and self.rollout.engine != "vllm":
             errors.append("rollout.sleep: only a colocated engine (rollout.engine: vllm) can sleep during training")
         if self.rollout.sleep and self.rollout.async_generation:

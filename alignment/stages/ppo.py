@@ -105,7 +105,9 @@ class LoopState:
 def run(recipe: PPORecipe, engine=None) -> None:
     """Run PPO as the recipe says. `engine`: an already running rollout engine to use on rank 0 instead of
     the recipe's (tests share one vLLM engine this way); its weights are replaced by the policy's."""
-    init_distributed()
+    if engine is None and (errors := recipe.rollout.device_errors(cuda=torch.cuda.is_available())):
+        raise UserError("; ".join(errors))
+    init_distributed(timeout_s=recipe.rollout.timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
     zero = ZeroSettings.from_accelerate_env()
     dev = device()
@@ -492,8 +494,6 @@ def _make_rollout_engine(recipe: PPORecipe):
     r = recipe.rollout
     policy_path = recipe.policy.name_or_path
     if r.engine == "vllm":
-        if r.sleep and not torch.cuda.is_available():
-            raise UserError("rollout.sleep: needs the engine on a GPU (on CPU nothing is gained: turn it off)")
         return make_engine("vllm", model=policy_path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.train.seed,
                            weight_transport=r.weight_sync, transfer_timeout_s=r.timeout_s,
                            gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.sleep)
