@@ -20,8 +20,6 @@ hang.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -35,6 +33,8 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
+
+from rollout.types import tensor_bytes
 
 BACKEND = "gloo"
 DEFAULT_BUCKET_BYTES = 64 * 2**20
@@ -90,7 +90,7 @@ def plan_buckets(dtypes: list[torch.dtype], shapes: list[list[int]], bucket_byte
     current: list[int] = []
     size = 0
     for i, (dtype, shape) in enumerate(zip(dtypes, shapes)):
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = tensor_bytes(dtype, shape)
         if current and size + nbytes > bucket_bytes:
             buckets.append(current)
             current, size = [], 0
@@ -99,10 +99,6 @@ def plan_buckets(dtypes: list[torch.dtype], shapes: list[list[int]], bucket_byte
     if current:
         buckets.append(current)
     return buckets
-
-
-def _nbytes(dtype: torch.dtype, shape) -> int:
-    return math.prod(shape) * dtype.itemsize
 
 
 def _broadcast(group, buffer: torch.Tensor):
@@ -159,7 +155,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         buckets = plan_buckets(dtypes, update_info.shapes, self.bucket_bytes)
 
         def post(bucket):  # a fresh buffer per bucket: the reload may keep views of it until a layer is complete
-            buffer = torch.empty(sum(_nbytes(dtypes[i], update_info.shapes[i]) for i in bucket), dtype=torch.uint8)
+            buffer = torch.empty(sum(tensor_bytes(dtypes[i], update_info.shapes[i]) for i in bucket), dtype=torch.uint8)
             return buffer, _broadcast(self.group, buffer)
 
         with disable_mtp_completeness_check():
@@ -170,7 +166,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
                 pending = post(buckets[k + 1]) if k + 1 < len(buckets) else None  # on the wire while this one loads
                 tensors, offset = [], 0
                 for i in bucket:
-                    n = _nbytes(dtypes[i], update_info.shapes[i])
+                    n = tensor_bytes(dtypes[i], update_info.shapes[i])
                     tensors.append((update_info.names[i], buffer[offset:offset + n].view(dtypes[i]).view(update_info.shapes[i])))
                     offset += n
                 self.model.load_weights(tensors)
@@ -247,10 +243,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
     def _send(self, source, meta) -> int:
         buckets = plan_buckets([m.dtype for m in meta], [list(m.shape) for m in meta], self.bucket_bytes)
         pairs = iter(source)
-        in_flight = []  # (buffer, work) of buckets on the wire; at most two buffers live
+        in_flight = []  # (buffer, work) of the bucket on the wire; with the one being packed, two buffers live
         total = 0
         for k, bucket in enumerate(buckets):
-            buffer = torch.empty(sum(_nbytes(meta[i].dtype, meta[i].shape) for i in bucket), dtype=torch.uint8)
+            buffer = torch.empty(sum(tensor_bytes(meta[i].dtype, meta[i].shape) for i in bucket), dtype=torch.uint8)
             offset = 0
             for i in bucket:
                 name, tensor = next(pairs)
@@ -261,8 +257,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 n = tensor.nbytes
                 buffer[offset:offset + n].copy_(tensor.detach().reshape(-1).view(torch.uint8))
                 offset += n
-            while len(in_flight) >= 1:  # the previous bucket must be sent before a third buffer exists
-                in_flight.pop(0)[1].wait()
+            if in_flight:  # the previous bucket must be sent before a third buffer exists
+                in_flight.pop()[1].wait()
             in_flight.append((buffer, _broadcast(self.group, buffer)))
             total += buffer.numel()
         for _, work in in_flight:

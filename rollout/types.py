@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
@@ -65,6 +66,11 @@ class Sample:
     @classmethod
     def from_dict(cls, d: dict) -> Sample:
         return cls(**d)
+
+
+def tensor_bytes(dtype: torch.dtype, shape) -> int:
+    """Bytes of a dense tensor of `dtype` and `shape` (from metadata: nothing materialised)."""
+    return math.prod(shape) * dtype.itemsize
 
 
 @dataclass

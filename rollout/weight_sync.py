@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from alignment.errors import RolloutError
-from rollout.types import SyncStats
+from rollout.types import SyncStats, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +131,15 @@ def _merged_lora_tensors(model: torch.nn.Module, cast) -> Iterator[tuple[str, to
             merged[id(layer.bias)] = (
                 bias.float() + sum(module.lora_B[a].bias.float() * module.scaling[a] for a in adapters if module.lora_bias[a])
             ).to(bias.dtype)
-    for name, p in base.named_parameters():
+    for name, p in _base_parameters(model):
+        yield name, cast(merged.get(id(p), p.detach()))
+
+
+def _base_parameters(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """A peft model's base parameters under their plain HF names (adapter tensors left out)."""
+    for name, p in model.get_base_model().named_parameters():
         if "lora_" not in name:
-            yield name.replace(".base_layer", ""), cast(merged.get(id(p), p.detach()))
+            yield name.replace(".base_layer", ""), p
 
 
 def sync_weights(engine, model: torch.nn.Module, version: int, dtype: torch.dtype | None = None) -> SyncStats | None:
@@ -249,7 +254,7 @@ class ShmTransport:
         default): a chunk of `chunk_bytes`, or the whole model when it is smaller (known from its metadata)."""
         need = self.chunk_bytes
         if hasattr(weights, "metadata"):
-            need = min(need, sum(math.prod(m.shape) * m.dtype.itemsize for m in weights.metadata()))
+            need = min(need, sum(tensor_bytes(m.dtype, m.shape) for m in weights.metadata()))
         if shutil.disk_usage(self.directory).free < need:
             raise RolloutError(self._no_space(need))
 
@@ -295,14 +300,19 @@ class ModelWeights:
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None):
         self.model, self.dtype = model, dtype
+        self._metadata: list | None = None  # read once per sync (the transport and the backend both ask)
 
     def metadata(self) -> list:
+        if self._metadata is None:
+            self._metadata = self._read_metadata()
+        return self._metadata
+
+    def _read_metadata(self) -> list:
         from vllm.distributed.weight_transfer.base import ParamMeta
 
         model = _unwrap(self.model)
         if hasattr(model, "merge_adapter"):  # peft: the base weights under their plain names (see named_tensors)
-            params = [(n.replace(".base_layer", ""), p) for n, p in model.get_base_model().named_parameters()
-                      if "lora_" not in n]
+            params = list(_base_parameters(model))
         else:
             params = list(model.named_parameters())
         # ZeRO-3 keeps the full shape in ds_shape (the local tensor is a flat shard)
@@ -405,7 +415,7 @@ class TransferEngineTransport:
         self._engine.send_weights()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in meta)
+        nbytes = sum(tensor_bytes(m.dtype, m.shape) for m in meta)
         return SyncStats(bytes=nbytes, seconds=time.perf_counter() - start, tensors=len(meta))
 
 
