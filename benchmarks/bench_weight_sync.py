@@ -5,7 +5,8 @@ the same 64 MiB buckets between two processes of this host with nothing else (no
     export OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1
     python benchmarks/bench_weight_sync.py --models tiny 100m --out sync.json
 
-One server on loopback (so the shm route works too), the best of `--repeats` syncs each.
+One server (vLLM's OpenAI server, as `alignment rollout serve` starts it) on loopback, so the shm route works too;
+the best of `--repeats` syncs each.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def free_port() -> int:
 def raw_broadcast(meta, repeats: int) -> float:
     """Best seconds to broadcast the model's bytes, in the transfer's buckets, to one other process."""
     from rollout.gloo_transfer import DEFAULT_BUCKET_BYTES, _broadcast, _group, plan_buckets
+    from rollout.types import tensor_bytes
 
     buckets = plan_buckets([m.dtype for m in meta], [list(m.shape) for m in meta], DEFAULT_BUCKET_BYTES)
-    sizes = [sum(int(torch.Size(meta[i].shape).numel()) * meta[i].dtype.itemsize for i in b) for b in buckets]
+    sizes = [sum(tensor_bytes(meta[i].dtype, meta[i].shape) for i in b) for b in buckets]
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port), ",".join(map(str, sizes)), str(repeats)],
                                 cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})

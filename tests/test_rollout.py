@@ -221,6 +221,29 @@ def test_dead_server_is_unreachable():
         engine.generate(["how is"], SamplingConfig(max_new_tokens=4))
 
 
+def test_hf_engine_server_takes_generation_and_shm_syncs(tiny_dir):
+    """`alignment rollout serve --engine hf`: our JSON server, which RemoteEngine tells from vLLM's by its /health;
+    weights arrive through /dev/shm, and a transfer backend is refused with a clear error."""
+    from rollout.remote import RemoteEngine
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "alignment", "rollout", "serve", "--engine", "hf", "--model",
+                             str(tiny_dir), "--port", str(port)], cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        engine = RemoteEngine(url, timeout=60, wait_ready=120)
+        state = random_weights(tiny_dir, seed=12)
+        engine.update_weights(state.items(), version=3)
+        samples = assert_greedy_matches(engine, load_hf(tiny_dir, state))
+        assert all(s.weight_version == 3 for s in samples) and engine.health()["weight_version"] == 3
+        with pytest.raises(RolloutError, match="is not a vLLM server"):
+            RemoteEngine(url, timeout=60, weight_sync="gloo").update_weights(state.items(), version=4)
+        engine.close()
+    finally:
+        kill_group(proc)
+
+
 def test_hf_engine_interface(tiny_dir):
     engine = make_engine("hf", model=str(tiny_dir))
     assert isinstance(engine, RolloutEngine)
