@@ -68,6 +68,24 @@ def raw_broadcast(meta, repeats: int) -> float:
     return best
 
 
+def time_lifecycle(client) -> dict[str, float]:
+    """Wrap a sync client's start / update / finish calls so each records its seconds (last call wins): `update`
+    returns when the workers have received and loaded every bucket, `finish` when the reload is finalised."""
+    phases: dict[str, float] = {}
+    for name in ("start_weight_update", "update_weights", "finish_weight_update"):
+        call = getattr(client, name)
+
+        def timed(*args, _call=call, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _call(*args, **kwargs)
+            finally:
+                phases[_name] = time.perf_counter() - start
+
+        setattr(client, name, timed)
+    return phases
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
@@ -98,7 +116,10 @@ def main() -> None:
             row = {"bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
             for sync in ("shm", "gloo"):
                 engine = RemoteEngine(url, timeout=600, wait_ready=600, weight_sync=sync)
+                if sync == "gloo":  # where the time goes: the servers' lifecycle calls, timed from here
+                    phases = time_lifecycle(engine._transfer_transport().client)
                 row[sync] = min(engine.update_weights(weights, version=v + 1).seconds for v in range(args.repeats))
+            row["gloo_phases_last_sync"] = phases
             row["raw_broadcast"] = raw_broadcast(weights.metadata(), args.repeats)
         finally:
             os.killpg(server.pid, 15)
@@ -107,7 +128,8 @@ def main() -> None:
         results[name] = row
         print(f"{name}: {row['bytes'] / 2**20:.1f} MiB; shm {row['shm']:.3f} s, gloo {row['gloo']:.3f} s, raw gloo "
               f"broadcast {row['raw_broadcast']:.3f} s; gloo reaches {row['gloo_over_raw_throughput']:.2f}x the raw "
-              f"throughput", flush=True)
+              f"throughput; last gloo sync: " + ", ".join(f"{k} {v:.3f} s" for k, v in row["gloo_phases_last_sync"].items()),
+              flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

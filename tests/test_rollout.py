@@ -221,6 +221,20 @@ def test_dead_server_is_unreachable():
         engine.generate(["how is"], SamplingConfig(max_new_tokens=4))
 
 
+def test_a_launched_server_that_exits_while_starting_is_an_error_at_once(tmp_path):
+    """A server that dies during start-up (here: no such model) stops the wait when it exits, naming its log
+    directory, instead of polling until the timeout."""
+    from rollout.launch import launch_servers
+
+    servers = launch_servers(str(tmp_path / "no-model"), 1, [], dtype="float32", max_model_len=64, seed=0, timeout_s=10,
+                             ready_timeout_s=None, log_dir=str(tmp_path / "logs"))
+    start = time.monotonic()
+    with pytest.raises(RolloutError, match=rf"exited with code \d+ while starting; see {tmp_path / 'logs'}"):
+        servers.wait_until_ready(600)
+    assert time.monotonic() - start < 120
+    assert all(p.poll() is not None for p in servers.processes)
+
+
 def test_hf_engine_server_takes_generation_and_shm_syncs(tiny_dir):
     """`alignment rollout serve --engine hf`: our JSON server, which RemoteEngine tells from vLLM's by its /health;
     weights arrive through /dev/shm, and a transfer backend is refused with a clear error."""
