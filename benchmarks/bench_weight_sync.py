@@ -1,6 +1,6 @@
 """Weight-sync time into a rollout server: the shm route (safetensors chunks in /dev/shm) against `gloo` (vLLM's
 weight-transfer API over TCP, rollout/gloo_transfer.py) and the limit, a raw gloo broadcast of the same bytes in
-the same 64 MiB buckets between two processes of this host with nothing else (no packing, no loading).
+the same 16 MiB buckets between two processes of this host with nothing else (no packing, no loading).
 
     export OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1
     python benchmarks/bench_weight_sync.py --models tiny 100m --out sync.json

@@ -36,6 +36,7 @@ from rollout.types import SyncStats, tensor_bytes
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
+NCCL_BUFFER_BYTES = 64 * 2**20  # each of the two packed buffers of an nccl sync (GPU links saturate well below it)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -378,7 +379,7 @@ class TransferEngineTransport:
 
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-        from rollout.gloo_transfer import DEFAULT_BUCKET_BYTES, GlooTrainerInitInfo, register
+        from rollout.gloo_transfer import GlooTrainerInitInfo, register
 
         if self.backend in ("nccl", "ipc") and not torch.cuda.is_available():
             raise RuntimeError(f"weight sync '{self.backend}' needs CUDA on the trainer; on CPU use 'gloo'")
@@ -396,9 +397,9 @@ class TransferEngineTransport:
         if self.backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
-            # vLLM's default buffers are 2 x 1 GiB on the trainer's GPU; ours match the gloo buckets (planned memory)
+            # vLLM's default buffers are 2 x 1 GiB on the trainer's GPU, beside the training state
             info = NCCLTrainerInitInfo(master_address=self.master_address, master_port=port, world_size=self.world_size,
-                                       packed_buffer_size_bytes=DEFAULT_BUCKET_BYTES, rank=0)
+                                       packed_buffer_size_bytes=NCCL_BUFFER_BYTES, rank=0)
         else:
             info = GlooTrainerInitInfo(master_address=self.master_address, master_port=port, world_size=self.world_size,
                                        timeout_s=self.timeout_s, rank=0)
