@@ -86,8 +86,9 @@ def test_gloo_sync_reaches_a_server_without_the_trainers_shm(server, tiny_paths)
 @pytest.mark.e2e
 def test_ppo_over_gloo_with_an_isolated_server_raises_gold(server, tiny_paths, tiny_sft, tiny_rm, tmp_path):
     """GRPO on the tiny task with its rollouts on the isolated server: the sampler's log-probs are the trainer's after
-    every sync, and gold rises as in the colocated run. (One server: two on this 2-core machine make each sync ~0.6 s
-    instead of 0.03 s, as each vLLM engine core spins while its worker waits in the transfer.)"""
+    every sync, and gold rises as in the colocated run. (One server: with two on this 2-core machine each sync takes
+    ~0.6 s instead of 0.03 s, since a server's engine core and worker busy-wait through the transfer, ~80% of a core
+    each in `top`, and starve the rest.)"""
     from alignment.config.ppo import PPORecipe
     from alignment.config.schema import load_recipe
     from alignment.stages.ppo import run
