@@ -40,7 +40,7 @@ def run(stage: str, recipe: str, overrides: list[str]) -> dict:
 
 
 def main() -> None:
-    from bench_ppo import make_100m_policy, make_reward_model
+    from bench_ppo import benchmark_policy, make_reward_model
 
     from alignment.tiny import build_tiny
 
@@ -52,7 +52,7 @@ def main() -> None:
     tiny = build_tiny(work / "tiny")
     results = {}
     for name in args.models:
-        policy = tiny.base if name == "tiny" else make_100m_policy(tiny.base, work / "policy_100m")[0]
+        policy = benchmark_policy(name, tiny, work)
         rm = make_reward_model(policy, work / f"rm_{name}")
         sft = run("sft", "recipes/tiny/sft.yaml", [f"model.name_or_path={policy}", f"data.sources.0.path={tiny.sft}",
                                                    "gold_eval=null", "train.max_steps=4", f"output.dir={work / name / 'sft'}"])

@@ -78,6 +78,11 @@ def make_reward_model(base: Path, out: Path, seed: int = 1) -> Path:
     return out
 
 
+def benchmark_policy(name: str, tiny, work: Path) -> Path:
+    """The policy a benchmark's `--models` entry names: "tiny" (the built-in default) or "100m" (made once in `work`)."""
+    return tiny.base if name == "tiny" else make_100m_policy(tiny.base, work / "policy_100m")[0]
+
+
 def make_100m_policy(base: Path, out: Path, seed: int = 0) -> tuple[Path, int]:
     """A random ~100M-parameter Llama with the tiny tokenizer (float32, safetensors)."""
     from transformers import (

@@ -90,7 +90,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from alignment.tiny import build_tiny
-    from bench_ppo import make_100m_policy
+    from bench_ppo import benchmark_policy
     from rollout.remote import RemoteEngine
     from rollout.weight_sync import ModelWeights
 
@@ -103,7 +103,7 @@ def main() -> None:
     tiny = build_tiny(work / "tiny")
     results = {}
     for name in args.models:
-        model_dir = tiny.base if name == "tiny" else make_100m_policy(tiny.base, work / "policy_100m")[0]
+        model_dir = benchmark_policy(name, tiny, work)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         weights = ModelWeights(model)
         port = free_port()

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 from alignment.errors import RolloutError
 from alignment.lifetime import EXIT_WITH_PARENT
@@ -29,25 +28,17 @@ class LaunchedServers(RemoteEngine):
     def wait_until_ready(self, ready_timeout: float) -> LaunchedServers:
         """Wait for every server's /health; stop them all and raise RolloutError as soon as one exits, or after the
         time (naming the servers and where their logs are)."""
-        deadline = time.monotonic() + ready_timeout
-        waiting = list(zip(self.urls, self.processes))
-        while waiting:
-            url, proc = waiting[0]
+
+        def check_alive(i: int) -> None:
+            proc = self.processes[i]
             if proc.poll() is not None:
-                self.close()
-                raise RolloutError(f"rollout server {url} exited with code {proc.returncode} while starting; see "
-                                   f"{self.log_dir or 'its log'}")
-            try:
-                self._request(url, "/health", timeout=5.0)
-                waiting.pop(0)
-                continue
-            except RolloutError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise RolloutError(f"rollout server {url} did not become ready within {ready_timeout:.0f} s; see "
-                                   f"{self.log_dir or 'its log'}")
-            time.sleep(0.5)
+                raise RolloutError(f"rollout server {self.urls[i]} exited with code {proc.returncode} while starting")
+
+        try:
+            self.wait_ready(ready_timeout, check_alive)
+        except RolloutError as exc:
+            self.close()
+            raise RolloutError(f"{exc}; see {self.log_dir or 'its log'}") from None
         return self
 
     def close(self) -> None:

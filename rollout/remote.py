@@ -113,8 +113,8 @@ class RemoteEngine:
     def _is_vllm(self) -> bool:
         """vLLM's server answers /health with an empty body, ours with its state."""
         if self._kind is None:
-            kinds = {u: "alignment" if "weight_version" in self._request(u, "/health", timeout=min(self.timeout, 10.0))
-                     else "vllm" for u in self.urls}
+            kinds = {u: "alignment" if self._request(u, "/health", timeout=min(self.timeout, 10.0)) else "vllm"
+                     for u in self.urls}
             if len(set(kinds.values())) > 1:
                 raise RolloutError(f"rollout servers of two kinds (vLLM's and the HF engine's) in one run: {kinds}")
             self._kind = kinds[self.urls[0]]
@@ -123,17 +123,19 @@ class RemoteEngine:
     def health(self, url: str | None = None) -> dict:
         """{"status": "ok", "weight_version": int, ...} of one server (the first by default)."""
         url = url or self.urls[0]
-        reply = self._request(url, "/health", timeout=min(self.timeout, 10.0))
-        if "weight_version" in reply:
-            return reply
+        if not self._is_vllm():
+            return self._request(url, "/health", timeout=min(self.timeout, 10.0))
         version = self._request(url, "/weight_info", timeout=min(self.timeout, 10.0)).get("weight_version")
         return {"status": "ok", "weight_version": int(version) if str(version).isdigit() else 0}
 
-    def wait_ready(self, seconds: float) -> None:
-        """Poll every server's /health until all answer, or raise RolloutError after `seconds`."""
+    def wait_ready(self, seconds: float, check_alive=None) -> None:
+        """Poll every server's /health until all answer, or raise RolloutError after `seconds`. `check_alive(i)`, if
+        given, runs before each poll of server i and raises when that server can no longer come up."""
         deadline = time.monotonic() + seconds
-        for url in self.urls:
+        for i, url in enumerate(self.urls):
             while True:
+                if check_alive is not None:
+                    check_alive(i)
                 try:
                     self._request(url, "/health", timeout=5.0)
                     break

@@ -169,9 +169,8 @@ class VLLMEngine:
         self.weight_version = 0
         self.weight_transport = weight_transport
         self._shm = ShmTransport(shm_dir, chunk_bytes)
-        self.sync_client = LLMSyncClient(self.llm)
-        self.world_size = self.llm.get_world_size(include_dp=True)  # vLLM workers that receive weights
-        self._transfer = (TransferEngineTransport(weight_transport, self.sync_client, 1 + self.world_size,
+        workers = self.llm.get_world_size(include_dp=True)  # vLLM workers that receive weights
+        self._transfer = (TransferEngineTransport(weight_transport, LLMSyncClient(self.llm), 1 + workers,
                                                   timeout_s=transfer_timeout_s) if weight_transport != "shm" else None)
 
     # ------------------------------------------------------------------------------ generation
