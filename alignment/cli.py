@@ -205,7 +205,11 @@ def library_rejection(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and (args.command, getattr(args, "action", None)) != ("rollout", "serve"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.vllm_args = unknown  # `alignment rollout serve` passes options of vLLM's server through
     try:
         _run(args)
     except Exception as exc:  # noqa: BLE001 (user mistakes become one line; anything else re-raises as it was)

@@ -57,6 +57,23 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     target.config.use_cache = False
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Turn every dropout of `model` off, so that it computes the same function in training mode as in eval mode.
+
+    PPO needs it: the ratio pi / pi_old compares log-probs of two forward passes, the rollout engine samples without
+    dropout, and the sync check compares the two; dropout would add noise to all three (OpenRLHF and TRL's PPO turn
+    it off too). Both kinds are covered: `nn.Dropout` modules (GPT-2, Phi) and the float rates attention modules
+    keep as attributes and pass to their attention kernel in training mode (`attention_dropout` in Llama, Qwen2 and
+    most decoders since transformers 4.36).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt: chat-templated with the generation prompt for messages, plain for text."""
     if isinstance(prompt, str):

@@ -22,6 +22,8 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from alignment.distributed import any_rank
+from alignment.memory_plan import ZERO3_MAX_REUSE_DISTANCE, ZERO3_SUB_GROUP_ELEMENTS, zero3_reduce_bucket_elements
+from alignment.models import disable_dropout
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,9 @@ def _device(value: str | None) -> str | None:
 def init_distributed(timeout_s: float | None = None) -> None:
     """Join the launcher's process group, or make a world of one for a plain `alignment ppo` run.
 
-    `timeout_s`: the longest rank 0 may keep the others waiting in a collective (PPO: for a rollout server to start or
-    answer); the group's timeout (DeepSpeed's 10 minutes by default) is raised to cover it with a minute to spare.
+    `timeout_s`: the longest rank 0 may keep the others waiting in a collective (PPO: `PPORecipe.rank0_alone_s`, its
+    servers starting, generating, taking weights); the group's timeout (DeepSpeed's 10 minutes by default) is raised
+    to cover it with a minute to spare.
 
     The world of one passes rank, size and address explicitly rather than through os.environ, where
     RANK/MASTER_PORT would be inherited by any process started later (a rollout server, another stage) and make
@@ -122,11 +125,18 @@ def _zero_config(zero: ZeroSettings, hidden_size: int | None) -> dict:
         config["offload_param"] = {"device": zero.offload_param, "pin_memory": torch.cuda.is_available()}
     if zero.stage == 3:
         config["stage3_gather_16bit_weights_on_model_save"] = True  # full weights for the HF export
+        # Set rather than left to DeepSpeed's defaults, so that the memory plan reads the same numbers.
+        config["sub_group_size"] = ZERO3_SUB_GROUP_ELEMENTS
+        config["stage3_max_reuse_distance"] = ZERO3_MAX_REUSE_DISTANCE
         if hidden_size:
             # Parameters up to 10 x hidden size (norms, biases) stay whole on every rank: gathering them before each
             # layer of each micro-batch costs a collective apiece for a few KB (HF's "auto" value). Weight matrices
             # are larger and stay sharded.
             config["stage3_param_persistence_threshold"] = 10 * hidden_size
+            # HF's "auto" buckets: DeepSpeed's default reduce bucket is 5e8 elements (954 MiB in bf16) on every rank
+            # for each trained model, whatever the model's size.
+            config["reduce_bucket_size"] = zero3_reduce_bucket_elements(hidden_size)
+            config["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
     return config
 
 
@@ -178,12 +188,17 @@ def make_train_engine(
     grad_accum_steps: int,
     max_grad_norm: float,
 ):
-    """Wrap `model` in a DeepSpeed training engine with AdamW and linear warmup.
+    """Wrap `model` in a DeepSpeed training engine with AdamW and linear warmup, in training mode with dropout off.
+
+    Training mode: `from_pretrained` returns models in eval mode, and transformers' gradient checkpointing recomputes
+    a layer only in training mode (`GradientCheckpointingLayer`), so without it checkpointing silently keeps every
+    activation. Dropout off: see `alignment.models.disable_dropout`.
 
     grad_accum_steps is the number of micro-batches per optimizer step (DeepSpeed's batch-size bookkeeping); the
     loop drives each step through an `AccumulationWindow`, with losses already reduced over the whole window.
     """
     world = dist.get_world_size()
+    disable_dropout(model)
     config = engine_config(zero, next(model.parameters()).dtype, torch.cuda.is_available(), _hidden_size(model),
                            micro_batch_size, grad_accum_steps, world, max_grad_norm)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -201,6 +216,7 @@ def make_train_engine(
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, config=config, lr_scheduler=scheduler
     )
+    engine.train()
     if world == 1 and zero.stage == 0:
         # One process has nothing to reduce, yet DeepSpeed would flatten every gradient into one buffer,
         # "all-reduce" it and copy it back at each optimizer step: ~1 s per step for 100M parameters on CPU.

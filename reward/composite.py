@@ -37,9 +37,10 @@ class CompositeReward:
         return {t.name: t.scorer for t in self.terms if t.scorer is not None}
 
     @classmethod
-    def from_recipe(cls, sources, device: torch.device, default_dtype: str = "float32", place=None) -> CompositeReward:
+    def from_recipe(cls, sources, device: torch.device, default_dtype: str = "float32", place=None,
+                    batch_size: int = 32) -> CompositeReward:
         """Terms of the recipe's `rewards`. Reward models load in their term's dtype (else `default_dtype`, the
-        policy's) and are put in place by `place` (see RewardModelScorer)."""
+        policy's), are put in place by `place` (see RewardModelScorer) and score `batch_size` sequences at a time."""
         from alignment.models import DTYPES
 
         terms = []
@@ -48,7 +49,7 @@ class CompositeReward:
             if src.kind == "model":
                 from reward.scoring import RewardModelScorer
 
-                scorer = RewardModelScorer(src.path, device=device, normalize=src.normalize,
+                scorer = RewardModelScorer(src.path, device=device, normalize=src.normalize, batch_size=batch_size,
                                            dtype=DTYPES[src.dtype or default_dtype], place=place)
                 fn: RewardFn = lambda prompts, completions, _s=scorer, **_: _s.score(prompts, completions).tolist()
             elif src.kind == "function":

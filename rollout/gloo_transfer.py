@@ -13,15 +13,18 @@ HTTP routes of a server), so the CPU tests exercise the code path GPU users run 
   the tensors of a `WeightSource` (gathered layer by layer under ZeRO-3: the whole model is never in one place)
   into two alternating buckets, filling one while the other is sent.
 
-Both sides derive the same bucket plan from the update's metadata (names, dtypes, shapes), so only metadata
-travels over HTTP. Every collective has the group's timeout: a dead peer is an error after `timeout_s`, never a
-hang.
+Both sides derive the bucket plan from the update's metadata (names, dtypes, shapes), so only metadata travels
+over HTTP. Before the first bucket they agree on that plan (`TransferPlan`, broadcast by the trainer, then a MIN
+all-reduce of every worker's verdict): a worker that joined with another bucket size, or was told of other tensors
+than the trainer sends (a client driving the routes itself), refuses before it loads anything, and the trainer says
+so at once; gloo itself would fill the larger buffer partly and return. Every collective has the group's timeout: a
+dead peer is an error after `timeout_s`, never a hang.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from datetime import timedelta
 from typing import ClassVar
 
@@ -107,6 +110,37 @@ def _broadcast(group, buffer: torch.Tensor):
     return group.broadcast([buffer], torch.distributed.BroadcastOptions())
 
 
+@dataclass(frozen=True)
+class TransferPlan:
+    """What one update moves, as each side computes it from the metadata and its bucket size."""
+
+    tensors: int
+    bytes: int
+    buckets: int
+    bucket_bytes: int
+
+    @classmethod
+    def of(cls, dtypes: list[torch.dtype], shapes: list[list[int]], bucket_bytes: int) -> TransferPlan:
+        return cls(len(dtypes), sum(tensor_bytes(d, s) for d, s in zip(dtypes, shapes)),
+                   len(plan_buckets(dtypes, shapes, bucket_bytes)), bucket_bytes)
+
+    def describe(self) -> str:
+        return f"{self.tensors} tensors, {self.bytes} bytes in {self.buckets} buckets of up to {self.bucket_bytes} bytes"
+
+
+def exchange_plan(group, own: TransferPlan, is_trainer: bool) -> tuple[TransferPlan, bool]:
+    """The trainer (rank 0) broadcasts its plan; every rank reports whether it is its own (a MIN all-reduce).
+    Returns the trainer's plan and whether every rank agreed with it."""
+    header = torch.tensor(astuple(own) if is_trainer else (0, 0, 0, 0), dtype=torch.int64)
+    _broadcast(group, header).wait()
+    announced = TransferPlan(*header.tolist())
+    verdict = torch.tensor([int(announced == own)], dtype=torch.int64)
+    options = torch.distributed.AllreduceOptions()
+    options.reduceOp = torch.distributed.ReduceOp.MIN
+    group.allreduce([verdict], options).wait()
+    return announced, bool(verdict.item())
+
+
 # --------------------------------------------------------------------------------------------- worker side
 
 
@@ -154,6 +188,15 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
         from vllm.model_executor.model_loader.mtp_validation import disable_mtp_completeness_check
 
         dtypes = [getattr(torch, name) for name in update_info.dtype_names]
+        own = TransferPlan.of(dtypes, update_info.shapes, self.bucket_bytes)
+        announced, agreed = exchange_plan(self.group, own, is_trainer=False)
+        if announced != own:
+            raise ValueError(f"gloo weight transfer refused, nothing loaded: the trainer sends {announced.describe()}, "
+                             f"this worker was told of {own.describe()} (its update info and the bucket size it joined "
+                             "with differ from the trainer's)")
+        if not agreed:
+            raise ValueError("gloo weight transfer refused, nothing loaded: another worker expects another transfer "
+                             "than the trainer's (see that worker's error)")
         buckets = plan_buckets(dtypes, update_info.shapes, self.bucket_bytes)
 
         def post(bucket):  # a fresh buffer per bucket: the reload may keep views of it until a layer is complete
@@ -243,7 +286,13 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         self.client.finish_weight_update()
 
     def _send(self, source, meta) -> int:
-        buckets = plan_buckets([m.dtype for m in meta], [list(m.shape) for m in meta], self.bucket_bytes)
+        dtypes, shapes = [m.dtype for m in meta], [list(m.shape) for m in meta]
+        plan = TransferPlan.of(dtypes, shapes, self.bucket_bytes)
+        if not exchange_plan(self.group, plan, is_trainer=True)[1]:
+            raise RuntimeError(f"rollout workers refused the weight update, nothing loaded: they expect another "
+                               f"transfer than this trainer's {plan.describe()} (did a client drive "
+                               "/init_weight_transfer_engine or /update_weights with other settings?)")
+        buckets = plan_buckets(dtypes, shapes, self.bucket_bytes)
         pairs = iter(source)
         in_flight = []  # (buffer, work) of the bucket on the wire; with the one being packed, two buffers live
         total = 0
@@ -251,7 +300,10 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             buffer = torch.empty(sum(tensor_bytes(meta[i].dtype, meta[i].shape) for i in bucket), dtype=torch.uint8)
             offset = 0
             for i in bucket:
-                name, tensor = next(pairs)
+                pair = next(pairs, None)
+                if pair is None:
+                    raise ValueError(f"weight source yielded {i} tensors where its metadata declared {len(meta)}")
+                name, tensor = pair
                 expected = meta[i]
                 if name != expected.name or tensor.dtype != expected.dtype or tuple(tensor.shape) != tuple(expected.shape):
                     raise ValueError(f"weight source yielded {name} {tensor.dtype} {tuple(tensor.shape)} where its "

@@ -1,12 +1,15 @@
 """Start local rollout servers on devices reserved for them, for a PPO run that asked for `launch_servers`.
 
 Each server is `python -m alignment rollout serve` (vLLM's OpenAI server) in its own process (and, on GPUs, its own
-CUDA_VISIBLE_DEVICES), on a free loopback port. The returned engine stops them when closed.
+CUDA_VISIBLE_DEVICES), on a free loopback port. They share a secret with the returned engine (ALIGNMENT_ROLLOUT_SECRET
+if set, else one made for this run), so no other process of the host can drive them. The engine stops them when
+closed.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -14,6 +17,7 @@ import sys
 
 from alignment.errors import RolloutError
 from alignment.lifetime import EXIT_WITH_PARENT
+from rollout.auth import SECRET_ENV, rollout_secret
 from rollout.remote import RemoteEngine
 
 
@@ -21,9 +25,9 @@ class LaunchedServers(RemoteEngine):
     """A RemoteEngine that owns its server processes."""
 
     def __init__(self, urls: list[str], processes: list[subprocess.Popen], timeout: float, weight_sync: str = "shm",
-                 log_dir: str | None = None, tokenizer=None):
+                 log_dir: str | None = None, tokenizer=None, secret: str | None = None):
         self.processes, self.log_dir = processes, log_dir
-        super().__init__(urls, timeout=timeout, weight_sync=weight_sync, tokenizer=tokenizer)
+        super().__init__(urls, timeout=timeout, weight_sync=weight_sync, tokenizer=tokenizer, secret=secret)
 
     def wait_until_ready(self, ready_timeout: float) -> LaunchedServers:
         """Wait for every server's /health; stop them all and raise RolloutError as soon as one exits, or after the
@@ -77,6 +81,7 @@ def launch_servers(
     if devices and len(devices) != count:
         raise RolloutError(f"rollout.server_devices lists {len(devices)} device sets for {count} servers")
     urls, processes = [], []
+    secret = rollout_secret() or secrets.token_hex(32)
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
     for i in range(count):
@@ -85,6 +90,7 @@ def launch_servers(
         for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # not part of the trainer's group
             env.pop(var, None)
         env[EXIT_WITH_PARENT] = "1"  # the server (and with it its engine) ends when the trainer does, even by SIGKILL
+        env[SECRET_ENV] = secret
         log = open(os.path.join(log_dir, f"rollout-server-{i}.log"), "w") if log_dir else subprocess.DEVNULL
         cmd = [sys.executable, "-m", "alignment", "rollout", "serve", "--model", model, "--port", str(port),
                "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
@@ -94,5 +100,6 @@ def launch_servers(
         # A new session: the server and the engine processes it spawns form one group, stopped together.
         processes.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         urls.append(f"http://127.0.0.1:{port}")
-    servers = LaunchedServers(urls, processes, timeout=timeout_s, weight_sync=weight_sync, log_dir=log_dir, tokenizer=model)
+    servers = LaunchedServers(urls, processes, timeout=timeout_s, weight_sync=weight_sync, log_dir=log_dir, tokenizer=model,
+                              secret=secret)
     return servers if ready_timeout_s is None else servers.wait_until_ready(ready_timeout_s)

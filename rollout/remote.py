@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from alignment.errors import RolloutError
+from rollout.auth import bearer_headers, rollout_secret
 from rollout.openai_completions import completion_request, samples_from_completion, set_texts
 from rollout.types import Sample, SamplingConfig, SyncStats
 from rollout.weight_sync import (
@@ -48,6 +49,8 @@ class RemoteEngine:
     wait_ready: if > 0, poll /health of every server for up to this many seconds before returning.
     tokenizer: a tokenizer or its path, to decode vLLM servers' completions as the colocated engine does (else the
       server's own text is kept).
+    secret: the servers' shared secret, sent as `Authorization: Bearer` (default: ALIGNMENT_ROLLOUT_SECRET; see
+      rollout/auth.py).
     """
 
     def __init__(
@@ -56,11 +59,11 @@ class RemoteEngine:
         *,
         timeout: float = 300.0,
         wait_ready: float = 0.0,
-        shm_dir: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         weight_sync: str = "shm",
         master_address: str | None = None,
         tokenizer=None,
+        secret: str | None = None,
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
@@ -68,10 +71,11 @@ class RemoteEngine:
         self.urls = [u.rstrip("/") for u in urls]
         self.timeout = float(timeout)
         self.weight_version = 0
-        self._shm = ShmTransport(shm_dir, chunk_bytes)
+        self._shm = ShmTransport(chunk_bytes=chunk_bytes)  # the servers load chunks from this host's shm directory only
         self.weight_sync = weight_sync
         self.master_address = master_address or local_address_towards(self.urls[0])
         self._tokenizer = tokenizer
+        self._headers = bearer_headers(secret or rollout_secret())
         self._transfer = None  # built at the first sync, when every server is up
         self._served: dict[str, str] = {}  # vLLM server URL -> the model name it serves
         self._kind: str | None = None  # "vllm" or "alignment", read from the first /health
@@ -85,9 +89,8 @@ class RemoteEngine:
     def _request(self, url: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
         timeout = self.timeout if timeout is None else timeout
         data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(
-            url + path, data=data, method="GET" if data is None else "POST", headers={"Content-Type": "application/json"}
-        )
+        req = urllib.request.Request(url + path, data=data, method="GET" if data is None else "POST",
+                                     headers={"Content-Type": "application/json", **self._headers})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 body = resp.read()
@@ -226,7 +229,7 @@ class RemoteEngine:
     def _transfer_transport(self) -> TransferEngineTransport:
         if self._transfer is None:
             sizes = [int(r["world_size"]) for r in self._all("/get_world_size")]
-            client = ServersSyncClient(self.urls, sizes, timeout_s=self.timeout)
+            client = ServersSyncClient(self.urls, sizes, timeout_s=self.timeout, headers=self._headers)
             self._transfer = TransferEngineTransport(self.weight_sync, client, 1 + sum(sizes), self.master_address,
                                                      timeout_s=self.timeout)
         return self._transfer

@@ -10,7 +10,11 @@ Endpoints (all JSON):
                         -> {"weight_version": int, "bytes": int, "seconds": float}
      One call with begin and finish loads a whole set of files. A chunked sync sends
      begin (maybe with the first paths), then more paths, then finish with the version; /generate
-     answers 409 while such an update is open.
+     answers 409 while such an update is open. Only the shm transport's chunk files in this host's shm directory are
+     loaded (`rollout.weight_sync.check_chunk_path`).
+
+Every route but /health needs the shared secret of ALIGNMENT_ROLLOUT_SECRET (`Authorization: Bearer`), or, without
+one, a client on this host (rollout/auth.py).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from rollout.auth import authorized, refusal, rollout_secret
 from rollout.types import SamplingConfig
+from rollout.weight_sync import check_chunk_path
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class _State:
     def __init__(self, engine, model_name: str):
         self.engine = engine
         self.model_name = model_name
+        self.secret = rollout_secret()
         self.lock = threading.Lock()  # one engine call at a time
         self.updating = False
 
@@ -55,8 +62,17 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return json.loads(self.rfile.read(n) or b"{}")
 
+    def _refused(self) -> bool:
+        """Answer a request that may not pass (see rollout.auth) and say so."""
+        if authorized(self.headers.get("Authorization"), self.client_address[0], self.state.secret):
+            return False
+        self._reply(*refusal(self.state.secret))
+        return True
+
     def do_GET(self):
         st = self.state
+        if self.path != "/health" and self._refused():
+            return
         if self.path == "/health":
             self._reply(
                 200,
@@ -71,6 +87,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(404, {"error": f"no route GET {self.path}"})
 
     def do_POST(self):
+        if self._refused():
+            return
         try:
             body = self._body()
         except (ValueError, json.JSONDecodeError) as exc:
@@ -110,6 +128,7 @@ class _Handler(BaseHTTPRequestHandler):
         if finish and "version" not in body:
             raise ValueError("update_weights: 'version' is required to finish an update")
         for p in paths:
+            check_chunk_path(p)
             if not os.path.isfile(p):
                 raise ValueError(f"update_weights: no such file on the server's host: {p} (a server on another host, or "
                                  "in a container without the trainer's /dev/shm, needs a vLLM server and rollout.weight_sync: gloo)")

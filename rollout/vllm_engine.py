@@ -26,8 +26,20 @@ WORKER_EXTENSION = "rollout.worker_extension.WeightSyncExtension"
 # log_softmax(logits / temperature) after top-k/top-p masking. vLLM's default, "raw_logprobs",
 # ignores the temperature, which would bias every PPO importance ratio at T != 1.
 LOGPROBS_MODE = "processed_logprobs"
-CPU_MAX_MODEL_LEN = 1024  # default context on CPU, where the KV cache is small (GPUs default to the model's own)
+CPU_MAX_MODEL_LEN = 1024  # longest default context on CPU, where the KV cache is small (GPUs take the model's own)
 CPU_MAX_NUM_SEQS = 256
+
+
+def cpu_context_length(model: str) -> int:
+    """The default context on CPU: CPU_MAX_MODEL_LEN, or the model's own when shorter (vLLM refuses a longer one)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):  # vLLM will say what is wrong with the model
+        return CPU_MAX_MODEL_LEN
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return min(CPU_MAX_MODEL_LEN, getattr(text, "max_position_embeddings", None) or CPU_MAX_MODEL_LEN)
 
 
 def to_sampling_params(sampling: SamplingConfig, prompt_index: int = 0):
@@ -119,7 +131,6 @@ class VLLMEngine:
         gpu_memory_utilization: float | None = None,
         tokenizer: str | None = None,
         weight_transport: str = "shm",
-        shm_dir: str | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         transfer_timeout_s: float = 600.0,
         **llm_kwargs,
@@ -152,7 +163,7 @@ class VLLMEngine:
             # support: the engine died ("CPU Generator does not use offset") as soon as one step's prompts exceeded the
             # default budget of 4096 tokens (e.g. 32 prompts x 8 samples x 20 tokens). A budget of every running
             # sequence at full length means no prompt is ever cut.
-            max_model_len = max_model_len or CPU_MAX_MODEL_LEN
+            max_model_len = max_model_len or cpu_context_length(model)
             llm_kwargs.setdefault("max_num_seqs", CPU_MAX_NUM_SEQS)
             llm_kwargs.setdefault("max_num_batched_tokens", llm_kwargs["max_num_seqs"] * max_model_len)
         self.model = str(model)
@@ -168,7 +179,7 @@ class VLLMEngine:
         )
         self.weight_version = 0
         self.weight_transport = weight_transport
-        self._shm = ShmTransport(shm_dir, chunk_bytes)
+        self._shm = ShmTransport(chunk_bytes=chunk_bytes)  # the workers load chunks from this host's shm directory only
         workers = self.llm.get_world_size(include_dp=True)  # vLLM workers that receive weights
         self._transfer = (TransferEngineTransport(weight_transport, LLMSyncClient(self.llm), 1 + workers,
                                                   timeout_s=transfer_timeout_s) if weight_transport != "shm" else None)
@@ -221,11 +232,15 @@ class VLLMEngine:
         self._after_update(version)
 
     def sleep(self) -> None:
-        """Free the GPU for training: weights to host memory, KV cache dropped (needs enable_sleep_mode=True)."""
-        self.llm.sleep(level=1)
+        """Free the GPU for training (needs enable_sleep_mode=True): level 2 drops the weights and the KV cache, keeping
+        only the model's buffers (rotary caches) on the host. Level 1 would copy every weight to pinned host memory
+        and back at each step, only for the next sync to overwrite them all."""
+        self.llm.sleep(level=2)
 
-    def wake_up(self) -> None:
-        self.llm.wake_up()
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Map memory back: `["weights"]` (the buffers are restored; the weights' contents are undefined until a sync
+        writes them), then `["kv_cache"]`; None wakes both. vLLM generates only once both are awake."""
+        self.llm.wake_up(tags)
 
     def _after_update(self, version: int) -> None:
         # Cached prefixes hold KV computed with the old weights.

@@ -20,8 +20,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -37,6 +39,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 NCCL_BUFFER_BYTES = 64 * 2**20  # each of the two packed buffers of an nccl sync (GPU links saturate well below it)
+IPC_BUFFER_BYTES = 2**30  # vLLM's default packed IPC buffer; raised to the largest tensor (see `ipc_buffer_bytes`)
+
+
+def ipc_buffer_bytes(metadata) -> int:
+    """The packed CUDA-IPC buffer for these weights: vLLM's 1 GiB, or the largest tensor when that is larger. vLLM's
+    producer refuses any tensor larger than its buffer (Qwen2.5-7B's embedding in bf16 is 1.02 GiB)."""
+    return max(IPC_BUFFER_BYTES, max((tensor_bytes(m.dtype, m.shape) for m in metadata), default=0))
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -167,6 +176,23 @@ def default_shm_dir() -> str:
     return tempfile.gettempdir()
 
 
+CHUNK_PREFIX = "rollout-weights"
+CHUNK_NAME = re.compile(re.escape(CHUNK_PREFIX) + r"-\d+-[0-9a-f]{8}-\d{5}\.safetensors")  # see write_chunks
+
+
+def check_chunk_path(path: str) -> str:
+    """`path` resolved, if it names a weight chunk `write_chunks` writes in this host's shm directory: inside it (no
+    `..`, no symbolic link out of it or in it), with the chunk naming pattern. Anything else is a ValueError, raised
+    before the file is read or removed: the servers' load routes take paths from their callers."""
+    directory = os.path.realpath(default_shm_dir())
+    resolved = os.path.realpath(path)
+    if (os.path.islink(path) or os.path.dirname(resolved) != directory
+            or not CHUNK_NAME.fullmatch(os.path.basename(resolved))):
+        raise ValueError(f"refused to load {path!r}: only the weight chunks the trainer writes are loaded "
+                         f"({directory}/{CHUNK_PREFIX}-<pid>-<id>-<n>.safetensors)")
+    return resolved
+
+
 @dataclass
 class ChunkFile:
     path: str
@@ -178,7 +204,7 @@ def write_chunks(
     pairs: Iterable[tuple[str, torch.Tensor]],
     directory: str | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    prefix: str = "rollout-weights",
+    prefix: str = CHUNK_PREFIX,
 ) -> Iterator[ChunkFile]:
     """Write `pairs` into safetensors files of about `chunk_bytes` each and yield them one at a time.
 
@@ -387,8 +413,8 @@ class TransferEngineTransport:
             from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
             # packed: the weights travel through one bounded buffer, never all copied on the GPU at once
-            self._engine = _ipc_trainer_class().trainer_init(IPCTrainerInitInfo(packed=True, rank=0), client=self.client,
-                                                             source=weights)
+            info = IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=ipc_buffer_bytes(weights.metadata()), rank=0)
+            self._engine = _ipc_trainer_class().trainer_init(info, client=self.client, source=weights)
             return
         register()
         with socket.socket() as s:  # a free port on the address the workers will dial
@@ -406,18 +432,60 @@ class TransferEngineTransport:
         self._engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=weights)
 
     def send(self, weights: ModelWeights) -> SyncStats:
+        """Connect (first time) and send `weights`, all within `timeout_s`, else a RolloutError."""
         start = time.perf_counter()
         meta = weights.metadata()
         if not meta:
             raise ValueError("weight sync got no tensors")
+        _within(self.timeout_s, lambda: self._connect_and_send(weights), on_timeout=self._abort,
+                what=f"weight sync ({self.backend})")
+        nbytes = sum(tensor_bytes(m.dtype, m.shape) for m in meta)
+        return SyncStats(bytes=nbytes, seconds=time.perf_counter() - start, tensors=len(meta))
+
+    def _connect_and_send(self, weights: ModelWeights) -> None:
         if self._engine is None:
             self._connect(weights)
         self._engine.source = weights
         self._engine.send_weights()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        nbytes = sum(tensor_bytes(m.dtype, m.shape) for m in meta)
-        return SyncStats(bytes=nbytes, seconds=time.perf_counter() - start, tensors=len(meta))
+
+    def _abort(self) -> None:
+        """After a timeout: tear the transfer down (NCCL: ncclCommAbort, which frees the stuck kernels), best effort."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            threading.Thread(target=engine.shutdown, daemon=True).start()
+
+
+def _within(seconds: float, work: Callable[[], None], on_timeout: Callable[[], None], what: str) -> None:
+    """Run `work` and wait for it at most `seconds`; past that call `on_timeout` and raise a RolloutError.
+
+    Only gloo's collectives have a timeout of their own: vLLM's NCCL communicator and its CUDA-IPC path wait forever
+    for a peer that died mid-transfer (and `LLM.update_weights` calls its workers without a timeout), so the wait is
+    bounded here. `work` runs in a daemon thread on the caller's CUDA device (a new thread starts on device 0, where
+    another rank's GPU would be); a thread stuck past the timeout is left behind as the run stops.
+    """
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        if device is not None:
+            torch.cuda.set_device(device)
+        try:
+            work()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="weight-sync", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        on_timeout()
+        raise RolloutError(f"{what} did not finish within {seconds:g} s (rollout.timeout_s): a rollout engine died or "
+                           "hangs mid-transfer; the transfer cannot be resumed, so the run stops")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def _ipc_trainer_class():
@@ -463,12 +531,11 @@ class LLMSyncClient:
 class ServersSyncClient:
     """`VLLMWeightSyncClient` over several servers' weight-transfer HTTP routes (a stock `vllm serve` in dev mode, or
     `alignment rollout serve`), driven as one: every call goes to all of them at once (their workers meet in the same
-    collectives), and each server's workers take their own ranks after those of the servers before it."""
+    collectives), and each server's workers take their own ranks after those of the servers before it. `headers` go
+    with every request (the servers' secret: rollout/auth.py)."""
 
-    def __init__(self, urls: list[str], world_sizes: list[int], timeout_s: float):
-        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
-
-        self.clients = [HTTPVLLMWeightSyncClient(u, timeout=timeout_s) for u in urls]
+    def __init__(self, urls: list[str], world_sizes: list[int], timeout_s: float, headers: dict[str, str] | None = None):
+        self.clients = [_http_sync_client(u, timeout_s, headers or {}) for u in urls]
         self.world_sizes = world_sizes
 
     def _all(self, call) -> None:
@@ -488,3 +555,15 @@ class ServersSyncClient:
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._all(lambda i, c: c.finish_weight_update(weight_version))
+
+
+def _http_sync_client(url: str, timeout_s: float, headers: dict[str, str]):
+    """vLLM's HTTP weight-sync client for one server, sending `headers` with each request (vLLM's sends none)."""
+    import requests
+    from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+
+    class WithHeaders(HTTPVLLMWeightSyncClient):
+        def _post(self, path: str, json: dict | None = None) -> None:
+            requests.post(f"{self.base_url}/{path}", json=json, timeout=self.timeout, headers=headers).raise_for_status()
+
+    return WithHeaders(url, timeout=timeout_s)

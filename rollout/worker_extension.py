@@ -24,9 +24,13 @@ class WeightSyncExtension:
         self._rollout_loaded = 0
 
     def rollout_load_file(self, path: str, delete: bool = True) -> int:
-        """Load one safetensors chunk into the model (inside a reload session); returns tensor count."""
+        """Load one safetensors chunk of the shm transport into the model (inside a reload session), then delete it if
+        asked; returns the tensor count. Any other path is refused before anything is read or removed."""
         from safetensors.torch import load_file
 
+        from rollout.weight_sync import check_chunk_path
+
+        path = check_chunk_path(path)
         try:
             tensors = load_file(path)
         finally:

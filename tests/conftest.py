@@ -11,6 +11,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # One torch thread in this process and in every stage subprocess: tiny models on a shared 2-core machine only
 # spin with more (a tiny SFT step goes from 0.14 s to 3 s). scripts/test.sh exports the same.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every rollout server the tests start, and every client, share this secret (rollout/auth.py); the tests of the
+# unauthenticated paths send none or another.
+ROLLOUT_SECRET = "tests-rollout-secret-0123456789"
+os.environ["ALIGNMENT_ROLLOUT_SECRET"] = ROLLOUT_SECRET
 
 
 @pytest.fixture(scope="session")

@@ -338,9 +338,6 @@ def _flags(cmd: list[str]) -> dict[str, str | bool]:
       "--weight-sync", "nccl", "--gpu-memory-utilization", "0.5"], False,
      {"--dtype": "float32", "--max-model-len": "512", "--tensor-parallel-size": "2",
       "--weight-transfer-config": '{"backend": "nccl"}', "--gpu-memory-utilization": "0.5"}, []),
-    # CPU: float32, 1024 tokens, eager, no prefill ever split
-    ([], True, {"--dtype": "float32", "--max-model-len": "1024", "--enforce-eager": True,
-                "--max-num-batched-tokens": str(256 * 1024)}, ["--tensor-parallel-size"]),
 ])
 def test_rollout_serve_runs_vllms_server_with_the_flags_ppo_needs(argv, on_cpu, expected, absent):
     from rollout.serve import vllm_server_command
@@ -354,3 +351,83 @@ def test_rollout_serve_runs_vllms_server_with_the_flags_ppo_needs(argv, on_cpu, 
     assert env["VLLM_SERVER_DEV_MODE"] == "1"  # the weight-transfer and collective_rpc routes
     if "--devices" in argv:
         assert env["CUDA_VISIBLE_DEVICES"] == argv[argv.index("--devices") + 1]
+
+
+@pytest.mark.parametrize("model_context, argv, expected", [
+    # CPU: float32, eager, at most 1024 tokens (the model's own context when shorter), no prefill ever split
+    (2048, [], {"--max-model-len": "1024", "--max-num-seqs": "256", "--max-num-batched-tokens": str(256 * 1024)}),
+    (256, [], {"--max-model-len": "256", "--max-num-batched-tokens": str(256 * 256)}),
+    # options of vLLM's server pass through (the prefill budget follows a given --max-num-seqs)
+    (256, ["--max-num-seqs", "8", "--load-format", "dummy"],
+     {"--max-num-seqs": "8", "--load-format": "dummy", "--max-num-batched-tokens": str(8 * 256)}),
+])
+def test_rollout_serve_on_cpu_fits_the_models_context_and_passes_vllm_options(tiny_paths, tmp_path, model_context, argv,
+                                                                              expected):
+    import shutil
+
+    from rollout.serve import vllm_server_command
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_paths.base, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": model_context}))
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(["rollout", "serve", "--model", str(model), *argv])
+    args.vllm_args = unknown
+    cmd, _ = vllm_server_command(args, on_cpu=True)
+    assert {"--dtype": "float32", "--enforce-eager": True, **expected}.items() <= _flags(cmd).items()
+    if argv:
+        assert cmd[-len(argv):] == argv  # given last: vLLM takes the last of a repeated option
+    # other commands still refuse options they do not know, and the HF engine's server takes none of vLLM's
+    with pytest.raises(SystemExit):
+        main(["tiny", "--out", str(tmp_path / "t"), "--max-num-seqs", "8"])
+    assert main(["rollout", "serve", "--model", str(model), "--engine", "hf", "--max-num-seqs", "8"]) == 2
+
+
+def test_rollout_serve_beyond_loopback_needs_a_secret(tiny_paths, monkeypatch, capsys):
+    """A server on 0.0.0.0 would take weights and files from anyone who reaches its port: without a secret (or with a
+    guessable one) `alignment rollout serve` stops with one line, before starting anything; the command it prints
+    carries no secret."""
+    monkeypatch.delenv("ALIGNMENT_ROLLOUT_SECRET")
+    assert main(["rollout", "serve", "--model", str(tiny_paths.base), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--host 0.0.0.0 reaches beyond this host: set ALIGNMENT_ROLLOUT_SECRET" in err[0]
+    monkeypatch.setenv("ALIGNMENT_ROLLOUT_SECRET", "short")
+    assert main(["rollout", "serve", "--model", str(tiny_paths.base), "--host", "0.0.0.0", "--engine", "hf"]) == 2
+    assert "ALIGNMENT_ROLLOUT_SECRET has 5 characters; use at least 16" in capsys.readouterr().err
+    assert main(["rollout", "serve", "--model", str(tiny_paths.base), "--host", "0.0.0.0", "--print-command"]) == 0
+    printed = capsys.readouterr().out
+    assert "--middleware rollout.auth.RolloutAuthMiddleware" in printed and "short" not in printed
+
+
+def test_rollout_auth_middleware_guards_every_route_but_health(monkeypatch):
+    """The middleware vLLM's server runs outermost: with a secret, a bearer token compared in constant time on every
+    route but /health; without one, clients on the server's own host only."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from rollout.auth import RolloutAuthMiddleware
+
+    ok = lambda request: PlainTextResponse("ok")  # noqa: E731
+    app = Starlette(routes=[Route(p, ok, methods=["GET", "POST"]) for p in ("/health", "/collective_rpc", "/v1/models")])
+
+    def client(secret: str | None, host: str):
+        if secret is None:
+            monkeypatch.delenv("ALIGNMENT_ROLLOUT_SECRET", raising=False)
+        else:
+            monkeypatch.setenv("ALIGNMENT_ROLLOUT_SECRET", secret)
+        return TestClient(RolloutAuthMiddleware(app), client=(host, 5000))
+
+    with_secret = client("s" * 32, "10.0.0.7")
+    assert with_secret.get("/health").status_code == 200
+    for path in ("/collective_rpc", "/v1/models"):
+        assert with_secret.post(path).status_code == 401
+        assert with_secret.post(path, headers={"Authorization": "Bearer " + "s" * 31}).status_code == 401
+        assert with_secret.post(path, headers={"Authorization": "Bearer " + "s" * 32}).status_code == 200
+        assert with_secret.post(path, headers={"Authorization": "bearer " + "s" * 32}).status_code == 200
+    no_secret_remote, no_secret_local = client(None, "10.0.0.7"), client(None, "127.0.0.1")
+    assert no_secret_remote.post("/collective_rpc").status_code == 403
+    assert "answers its own host only" in no_secret_remote.post("/collective_rpc").json()["error"]
+    assert no_secret_local.post("/collective_rpc").status_code == 200

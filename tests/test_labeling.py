@@ -232,3 +232,17 @@ def test_round_trip_trains_a_reward_model_above_chance(tiny_paths, tmp_path):
                  f"output.dir={rm}", "gold_agreement=null", "train.num_epochs=8", "train.per_device_batch_size=16"]) == 0
     summary = json.loads((rm / "summary.json").read_text())
     assert summary["eval"]["accuracy"] > 0.75, summary["eval"]
+
+
+def test_a_judge_labeler_refuses_a_prompt_limit_it_would_ignore(tmp_path):
+    """judge.max_prompts limits `alignment eval`'s judge; a labeler labels every exported item, so the key there would
+    do nothing: it is refused, naming what to do instead."""
+    from alignment.config.label import AutoLabelRecipe
+    from alignment.config.schema import load_recipe
+    from alignment.errors import RecipeError
+
+    (tmp_path / "items.jsonl").write_text("")
+    with pytest.raises(RecipeError, match=r"labeler.judge.max_prompts: a labeler labels every exported item"):
+        load_recipe(RECIPES / "label_auto.yaml", AutoLabelRecipe,
+                    [f"input={tmp_path / 'items.jsonl'}", "labeler.kind=judge", "labeler.function=null",
+                     f"labeler.judge={{model: {tmp_path}, max_prompts: 3}}", "reference=null", f"output_dir={tmp_path}"])

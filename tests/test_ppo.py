@@ -273,7 +273,7 @@ def test_nan_rewards_skip_steps_then_stop(tiny_paths, tiny_sft, tiny_rm, vllm_en
         tiny_paths, tiny_sft, tiny_rm, out, "algorithm.advantage=grpo", "train.steps=5", "train.max_bad_steps=2", "eval=null",
         f"rewards=[{{kind: function, function: '{nan_file}:nan'}}]",
     )
-    with pytest.raises(UserError, match="consecutive steps had NaN"):
+    with pytest.raises(UserError, match="stopping: 2 consecutive steps had NaN"):  # train.max_bad_steps
         run(recipe, engine=vllm_engine)
     assert not (out / "final").exists()
 
@@ -316,16 +316,19 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_paths, tiny_sft, tiny_
 @pytest.mark.e2e
 def test_zero3_two_processes_with_rollout_server(tiny_paths, tiny_sft, tiny_rm, tmp_path):
     """2 training processes under DeepSpeed ZeRO-3 + a rollout server in its own process, synced every step over gloo
-    (vLLM's weight-transfer API: rank 0 streams the layers the ranks gather together)."""
+    (vLLM's weight-transfer API: rank 0 streams the layers the ranks gather together). No ALIGNMENT_ROLLOUT_SECRET
+    is set: the run makes one that it and its server share."""
     from conftest import run_stage
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "zero3"
+    env = stage_env()
+    del env["ALIGNMENT_ROLLOUT_SECRET"]
     run_stage(
         "ppo", TINY_PPO,
         [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out), "rollout.engine=remote", "rollout.launch_servers=1",
          "rollout.weight_sync=gloo", "train.steps=4", "output.save_steps=2", "eval=null"],  # steps 1-2 warm up the critic, 3-4 move the actor
-        accelerate_config=REPO / "recipes" / "accelerate" / "cpu_zero3.yaml", timeout=900,
+        accelerate_config=REPO / "recipes" / "accelerate" / "cpu_zero3.yaml", timeout=900, env=env,
     )
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
@@ -377,53 +380,90 @@ def test_running_reward_normalization(tiny_paths, tiny_sft, tiny_rm, vllm_engine
     assert saved["count"] == 2 * 32 * 4  # every sample of both steps
 
 
-@pytest.mark.parametrize("kind", ["policy", "critic"])
-def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_paths, kind, monkeypatch):
-    """train.gradient_checkpointing recomputes every decoder layer in backward (each runs twice) and changes
-    neither the loss nor any gradient."""
+def _train_phase_record(monkeypatch, stage) -> list[dict]:
+    """Spy on the PPO stage's training phase: per call of `_train_on_batch`, the policy's and critic's module modes,
+    the forwards of each decoder layer's MLP (module hooks do not see a checkpointed layer's recompute, a patched
+    forward does), the micro-batches each model trained on, and every gradient right before each optimizer step."""
     import torch
-
     from transformers.models.llama import modeling_llama
 
-    from alignment.config.sections import ModelSection
-    from alignment.models import enable_gradient_checkpointing, load_causal_lm, load_value_model
-    from alignment.ppo.batch import RolloutBatch
-    from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
-    from rollout.types import Sample
+    import alignment.training as training
 
-    samples = [Sample(prompt_index=i, prompt_ids=[2, 23 + i, 73, 36], completion_ids=[73, 36 + i, 39, 4][: 2 + i],
-                      text="", logprobs=[0.0] * (2 + i), finish_reason="stop", weight_version=0) for i in range(3)]
-    batch = RolloutBatch.from_samples(samples, [0, 1, 2])
-    inputs = batch.model_inputs(torch.arange(3), pad_id=0, device=torch.device("cpu"))
-    mask = batch.mask[:, : inputs.completion_len]
-
-    layer_calls = []  # MLP forwards of the tiny Llama's decoder layers (module hooks do not see the recompute)
+    records: list[dict] = []
     mlp_forward = modeling_llama.LlamaMLP.forward
-    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: layer_calls.append(1) or mlp_forward(self, x))
 
-    def loss_and_grads(checkpointing: bool):
-        section = ModelSection(name_or_path=str(tiny_paths.base))
-        torch.manual_seed(0)  # the critic's score head is new: the same init both times
-        model = load_causal_lm(section) if kind == "policy" else TokenValueModel(load_value_model(section))
-        if checkpointing:
-            enable_gradient_checkpointing(model if kind == "policy" else model.inner)
-        model.train()
-        layer_calls.clear()
-        if kind == "policy":
-            logp, entropy = policy_forward(model, inputs, temperature=0.7, with_entropy=True)
-            loss = -(logp * mask).sum() / mask.sum() - 0.01 * (entropy * mask).sum()
-        else:
-            loss = ((critic_forward(model, inputs) - 1.0) ** 2 * mask).sum() / mask.sum()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(layer_calls)
+    def counting_mlp(self, x):
+        if records and records[-1]["open"]:
+            records[-1]["mlp_calls"][id(self)] = records[-1]["mlp_calls"].get(id(self), 0) + 1
+        return mlp_forward(self, x)
 
-    plain_loss, plain_grads, plain_calls = loss_and_grads(False)
-    ckpt_loss, ckpt_grads, ckpt_calls = loss_and_grads(True)
-    assert ckpt_calls == 2 * plain_calls  # every layer ran again in backward
-    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=0)
-    assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) > 10
-    for name in plain_grads:
-        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            if records and records[-1]["open"]:
+                records[-1][name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    train_on_batch, window_step = stage._train_on_batch, training.AccumulationWindow.step
+
+    def spy_train(batch, policy, critic, *args, **kwargs):
+        models = {"policy": policy.module, "critic": critic.module}
+        records.append({"open": True, "mlp_calls": {}, "policy_forward": 0, "critic_forward": 0, "grads": [],
+                        "not_training": [f"{role}:{n}" for role, m in models.items() for n, mod in m.named_modules()
+                                         if not mod.training],
+                        "mlps": {role: [id(mod) for mod in m.modules() if isinstance(mod, modeling_llama.LlamaMLP)]
+                                 for role, m in models.items()}})
+        try:
+            return train_on_batch(batch, policy, critic, *args, **kwargs)
+        finally:
+            records[-1]["open"] = False
+
+    def spy_step(window):
+        records[-1]["grads"].append({n: p.grad.clone() for n, p in window.engine.module.named_parameters()
+                                     if p.grad is not None})
+        return window_step(window)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting_mlp)
+    monkeypatch.setattr(stage, "policy_forward", counting("policy_forward", stage.policy_forward))
+    monkeypatch.setattr(stage, "critic_forward", counting("critic_forward", stage.critic_forward))
+    monkeypatch.setattr(stage, "_train_on_batch", spy_train)
+    monkeypatch.setattr(training.AccumulationWindow, "step", spy_step)
+    return records
+
+
+def test_gradient_checkpointing_recomputes_every_layer_in_the_stage(tiny_paths, tiny_sft, tiny_rm, vllm_engine,
+                                                                    tmp_path, monkeypatch):
+    """train.gradient_checkpointing through the real stage: policy and critic train with every submodule in training
+    mode (the only mode in which transformers recomputes), each decoder layer runs its forward twice per training
+    micro-batch (once without), and losses and gradients are those of the run without checkpointing."""
+    import torch
+
+    import alignment.stages.ppo as stage
+
+    runs = {}
+    for checkpointing in (False, True):
+        records = _train_phase_record(monkeypatch, stage)
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        stage.run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, out, "train.steps=1", "eval=null",
+                              "algorithm.critic_warmup_steps=0", "algorithm.epochs=1", "algorithm.micro_batch_size=32",
+                              f"train.gradient_checkpointing={checkpointing}"), engine=vllm_engine)
+        monkeypatch.undo()
+        (record,) = records
+        assert record["not_training"] == [], record["not_training"][:5]
+        assert record["policy_forward"] > 1 and record["critic_forward"] > 1  # several micro-batches each
+        runs[checkpointing] = record, read_metrics(out)[0]
+    for checkpointing, (record, _) in runs.items():
+        for role in ("policy", "critic"):
+            calls = [record["mlp_calls"].get(mlp, 0) for mlp in record["mlps"][role]]
+            assert calls == [(2 if checkpointing else 1) * record[f"{role}_forward"]] * len(calls), (role, calls)
+    (plain, plain_metrics), (recomputed, recomputed_metrics) = runs[False], runs[True]
+    for key in ("ppo/policy_loss", "ppo/value_loss", "ppo/clip_fraction"):
+        assert recomputed_metrics[key] == pytest.approx(plain_metrics[key], rel=1e-6, abs=1e-9), key
+    assert len(plain["grads"]) == len(recomputed["grads"]) == 4  # 2 minibatches x (policy, critic)
+    for plain_grads, recomputed_grads in zip(plain["grads"], recomputed["grads"]):
+        assert plain_grads.keys() == recomputed_grads.keys() and len(plain_grads) > 10
+        for name in plain_grads:
+            torch.testing.assert_close(recomputed_grads[name], plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def _children(pid: int) -> list[int]:
@@ -480,14 +520,16 @@ class SleepRecorder:
     asleep (a sleeping vLLM engine has no weights or KV cache on the GPU)."""
 
     def __init__(self, inner):
-        self.inner, self.calls, self.asleep = inner, [], False
+        self.inner, self.calls, self.asleep = inner, [], set()
 
     @property
     def weight_version(self):
         return self.inner.weight_version
 
     def _record(self, call: str) -> None:
-        assert not self.asleep or call == "wake", f"{call} while the engine sleeps (calls so far: {self.calls})"
+        # vLLM generates only when wholly awake; a sync needs the weights' memory mapped back
+        needs = {"generate": {"weights", "kv_cache"}, "update": {"weights"}}.get(call, set())
+        assert not (needs & self.asleep), f"{call} while {self.asleep} sleep (calls so far: {self.calls})"
         self.calls.append(call)
 
     def generate(self, prompts, sampling):
@@ -500,28 +542,56 @@ class SleepRecorder:
 
     def sleep(self):
         self._record("sleep")
-        self.asleep = True
+        self.asleep = {"weights", "kv_cache"}
 
-    def wake_up(self):
-        self._record("wake")
-        self.asleep = False
+    def wake_up(self, tags=None):
+        self._record(f"wake {' '.join(tags) if tags else 'all'}")
+        self.asleep -= set(tags or self.asleep)
 
     def close(self):
         pass
 
 
-def test_a_sleeping_engine_is_woken_for_every_sync_and_generation(tiny_paths, tiny_sft, tiny_rm, tmp_path):
-    """rollout.sleep: the real PPO loop puts the colocated engine to sleep once its rollouts are in, and wakes it
-    before the weight sync; the sync check's probe and the next generation find it awake."""
+def test_a_sleeping_engine_is_woken_for_every_sync_and_generation(tiny_paths, tiny_sft, tiny_rm, tmp_path, monkeypatch):
+    """rollout.sleep: the real PPO loop puts the colocated engine to sleep once its rollouts are in; after training it
+    empties PyTorch's cache (else the training peak stays reserved where vLLM's allocator cannot use it), wakes the
+    weights alone for the sync, then the KV cache; the sync check's probe and the next generation find it awake."""
+    import torch
+
     from alignment.stages.ppo import run
     from rollout.hf_engine import HFEngine
 
     engine = SleepRecorder(HFEngine(str(tiny_sft.final)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: engine.calls.append("empty_cache"))
     run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path / "run", "rollout.sleep=true", "train.steps=2", "eval=null",
                     "train.prompts_per_step=4"), engine=engine)
     start = ["update", "generate"]  # the first sync, then its probe
-    step = ["generate", "sleep", "wake", "update", "generate"]  # rollouts, sleep through training, sync, probe
+    # rollouts, sleep through training, free the cache, weights, sync, KV cache, probe
+    step = ["generate", "sleep", "empty_cache", "wake weights", "update", "wake kv_cache", "generate"]
     assert engine.calls == start + step + step
+
+
+def test_vllm_engine_sleeps_at_level_2_and_wakes_by_tags():
+    """Level 2 drops the weights (every sync rewrites them) instead of copying them to host memory and back each step;
+    the tags reach vLLM's wake_up as given."""
+    from rollout.vllm_engine import VLLMEngine
+
+    class RecordingLLM:
+        def __init__(self):
+            self.calls = []
+
+        def sleep(self, level=1):
+            self.calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            self.calls.append(("wake_up", tags))
+
+    engine = object.__new__(VLLMEngine)  # the engine's methods around a recording vllm.LLM
+    engine.llm = RecordingLLM()
+    engine.sleep()
+    engine.wake_up(["weights"])
+    engine.wake_up(["kv_cache"])
+    assert engine.llm.calls == [("sleep", 2), ("wake_up", ["weights"]), ("wake_up", ["kv_cache"])]
 
 
 def test_sleep_needs_a_colocated_synchronous_engine(tiny_paths, tiny_sft, tiny_rm, tmp_path):
@@ -554,3 +624,187 @@ def test_gpu_only_rollout_settings_stop_a_cpu_run_before_anything_loads(tiny_pat
     with pytest.raises(UserError, match=message):
         run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path / "run", *settings))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where, settings, expected", [
+    # rollout.dtype unset: the engine runs the policy's dtype, never a float32 default that would double its memory
+    ("rollout.launch.launch_servers", ["rollout.engine=remote", "rollout.launch_servers=1", "policy.dtype=bfloat16"],
+     {"dtype": "bfloat16"}),
+    ("rollout.launch.launch_servers", ["rollout.engine=remote", "rollout.launch_servers=1", "policy.dtype=bfloat16",
+                                       "rollout.dtype=float32", "rollout.server_devices=['3']", "rollout.max_model_len=200",
+                                       "rollout.timeout_s=55", "rollout.weight_sync=gloo"],
+     {"dtype": "float32", "devices": ["3"], "max_model_len": 200, "timeout_s": 55, "weight_sync": "gloo"}),
+    ("rollout.make_engine", ["rollout.max_model_len=200", "rollout.gpu_memory_utilization=0.4", "rollout.timeout_s=55",
+                             "rollout.weight_sync=gloo", "policy.trust_remote_code=true"],
+     {"kind": "vllm", "dtype": "float32", "max_model_len": 200, "gpu_memory_utilization": 0.4, "transfer_timeout_s": 55,
+      "weight_transport": "gloo", "enable_sleep_mode": False, "trust_remote_code": True}),
+    ("rollout.make_engine", ["rollout.engine=hf", "policy.dtype=float16", "train.seed=3"],
+     {"kind": "hf", "dtype": "float16", "seed": 3}),
+    ("rollout.make_engine", ["rollout.engine=remote", "rollout.servers=[http://10.1.2.3:8100]",
+                             "rollout.trainer_address=10.1.2.9", "rollout.timeout_s=55", "rollout.weight_sync=gloo"],
+     {"kind": "remote", "urls": ["http://10.1.2.3:8100"], "master_address": "10.1.2.9", "timeout": 55, "weight_sync": "gloo"}),
+])
+def test_engine_settings_reach_the_engine_the_stage_builds(tiny_paths, tiny_sft, tiny_rm, tmp_path, monkeypatch, where,
+                                                           settings, expected):
+    """The rollout section's keys reach the engine (or the servers) the stage starts: recorded at the call, which
+    then stops the run (nothing is started). The colocated engine's call comes after the models load."""
+    import importlib
+
+    import rollout.launch
+    from alignment.stages.ppo import run
+
+    called = {}
+
+    class Called(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        if where == "rollout.make_engine":
+            called["kind"] = args[0]
+        else:
+            called["devices"] = args[2]
+        called.update(kwargs)
+        raise Called
+
+    module, name = where.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, record)
+    with pytest.raises(Called):
+        run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path / "run", "eval=null", *settings))
+    assert {k: called.get(k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["value.lora={r: 4}"], "value.lora: only the policy trains LoRA adapters in PPO"),
+    (["reference={name_or_path: REF, lora: {r: 4}}"], "reference.lora: only the policy trains LoRA adapters in PPO"),
+    (["prompts.eval_fraction=0.1"], "prompts.eval_fraction / prompts.eval_sources: PPO trains on every prompt"),
+])
+def test_settings_ppo_would_ignore_are_refused(tiny_paths, tiny_sft, tiny_rm, tmp_path, settings, message):
+    settings = [s.replace("REF", str(tiny_sft.final)) for s in settings]
+    with pytest.raises(RecipeError, match=message):
+        tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path, *settings)
+
+
+def test_ppo_prompts_hold_nothing_out_by_default(tiny_paths, tiny_sft, tiny_rm, tmp_path):
+    """Unlike SFT and RM data, PPO's prompts default to no held-out share (the old 5% was dropped unused)."""
+    recipe = load_recipe(TINY_PPO, PPORecipe, [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, tmp_path),
+                                               "prompts={sources: [{path: " + str(tiny_paths.prompts) + "}]}"])
+    assert recipe.prompts.eval_fraction == 0.0
+
+
+class RecordingEngine:
+    """The session's vLLM engine, recording the sampling settings of every generation the stage asks for."""
+
+    def __init__(self, inner):
+        self.inner, self.sampling = inner, []
+
+    @property
+    def weight_version(self):
+        return self.inner.weight_version
+
+    def generate(self, prompts, sampling):
+        self.sampling.append(sampling)
+        return self.inner.generate(prompts, sampling)
+
+    def update_weights(self, weights, version):
+        return self.inner.update_weights(weights, version)
+
+    def close(self):
+        pass
+
+
+def test_every_algorithm_and_training_key_reaches_the_code_that_uses_it(tiny_paths, tiny_sft, tiny_rm, vllm_engine,
+                                                                          tmp_path, monkeypatch):
+    """Two steps of the real stage with every algorithm, training and sampling key set away from its default, each
+    observed where it acts: the arguments the PPO math receives, the engines' optimizers, the engine's sampling, the
+    models loaded, the counts of windows and micro-batches. A key the stage dropped on the way fails here."""
+    import alignment.stages.ppo as stage
+    import reward.scoring
+
+    seen: dict[str, list] = {}
+
+    def spy(name, fn, record=lambda *a, **k: (a, k)):
+        def wrapper(*args, **kwargs):
+            seen.setdefault(name, []).append(record(*args, **kwargs))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(stage, "init_distributed", spy("init_distributed", stage.init_distributed))
+    monkeypatch.setattr(stage, "AdvantageParams", spy("advantage_params", stage.AdvantageParams))
+    monkeypatch.setattr(stage, "AdaptiveKLController", spy("kl_controller", stage.AdaptiveKLController))
+    monkeypatch.setattr(stage, "KL_ESTIMATORS", {k: spy(f"kl:{k}", f) for k, f in stage.KL_ESTIMATORS.items()})
+    monkeypatch.setattr(stage, "clipped_policy_loss", spy("policy_loss", stage.clipped_policy_loss))
+    monkeypatch.setattr(stage, "clipped_value_loss", spy("value_loss", stage.clipped_value_loss))
+    monkeypatch.setattr(stage, "kl_loss_term", spy("kl_loss", stage.kl_loss_term))
+    monkeypatch.setattr(stage, "aggregate_loss", spy("aggregate", stage.aggregate_loss))
+    monkeypatch.setattr(stage, "truncated_is_weights", spy("tis", stage.truncated_is_weights))
+    monkeypatch.setattr(stage, "clip_scores", spy("clip_scores", stage.clip_scores))
+    monkeypatch.setattr(stage, "penalize_truncated", spy("penalize", stage.penalize_truncated))
+    training = []  # true while the stage trains (PPO epochs), false while it scores
+
+    def train_on_batch(*args, **kwargs):
+        training.append(True)
+        try:
+            return train(*args, **kwargs)
+        finally:
+            training.append(False)
+
+    train = spy("train", stage._train_on_batch)
+    monkeypatch.setattr(stage, "_train_on_batch", train_on_batch)
+    monkeypatch.setattr(stage, "policy_forward", spy("policy_forward", stage.policy_forward,
+                                                     lambda model, inputs, temperature, with_entropy=False:
+                                                     (training[-1:] == [True], inputs.input_ids.shape[0], temperature,
+                                                      with_entropy)))
+    monkeypatch.setattr(stage, "load_causal_lm", spy("load_causal_lm", stage.load_causal_lm, lambda s: s.name_or_path))
+    monkeypatch.setattr(stage, "SyncCheck", spy("sync_check", stage.SyncCheck))
+    monkeypatch.setattr(reward.scoring.RewardModelScorer, "__init__", spy("rm", reward.scoring.RewardModelScorer.__init__))
+    engines, make_train_engine = [], stage.make_train_engine
+    monkeypatch.setattr(stage, "make_train_engine", lambda *a, **k: engines.append(make_train_engine(*a, **k)) or engines[-1])
+    monkeypatch.setattr(stage.AccumulationWindow, "step", spy("window", stage.AccumulationWindow.step,
+                                                              lambda window: (id(window.engine), window.engine.get_lr()[0])))
+    engine = RecordingEngine(vllm_engine)
+    out = tmp_path / "run"
+    stage.run(tiny_recipe(
+        tiny_paths, tiny_sft, tiny_rm, out, "train.steps=2", "train.prompts_per_step=8",
+        "rollout.sampling.samples_per_prompt=3", "rollout.sampling.temperature=0.9", "rollout.sampling.seed=5",
+        "rollout.sampling.stop=[zzz]", "rollout.sync_check_tolerance=1.5", "rollout.timeout_s=77",
+        f"reference.name_or_path={tiny_paths.base}", "rewards.0.normalize=false",
+        "algorithm.gamma=0.97", "algorithm.lam=0.9", "algorithm.epochs=2", "algorithm.minibatches=2",
+        "algorithm.micro_batch_size=5", "algorithm.clip_low=0.15", "algorithm.clip_high=0.25", "algorithm.dual_clip=3.0",
+        "algorithm.entropy_coef=0.01", "algorithm.loss_aggregation=seq_mean_token_sum", "algorithm.value_clip=0.3",
+        "algorithm.vf_coef=0.7", "algorithm.critic_warmup_steps=1", "algorithm.reward_clip=4.0",
+        "algorithm.truncation_penalty=0.5", "algorithm.tis_cap=1.5", "algorithm.kl.estimator=k3",
+        "algorithm.kl.placement=loss", "algorithm.kl.coef=0.07", "algorithm.kl.target=5.0", "algorithm.kl.horizon=777",
+        "train.learning_rate=1e-4", "train.critic_learning_rate=2e-4", "train.weight_decay=0.013",
+        "train.max_grad_norm=0.7", "train.warmup_steps=4", "eval_every=1", "eval.num_prompts=8"), engine=engine)
+
+    # rollout sampling (the sync check's probe asks for one 8-token answer per prompt)
+    rollouts = [s for s in engine.sampling if s.n == 3]
+    assert len(rollouts) == 2 and {(s.temperature, tuple(s.stop)) for s in rollouts} == {(0.9, ("zzz",))}
+    assert [s.seed % 100_003 for s in rollouts] == [5, 5] and rollouts[0].seed != rollouts[1].seed
+    assert seen["sync_check"][0][0][1] == 1.5
+    assert seen["init_distributed"][0][1]["timeout_s"] == 77 * (5 + 1 + 1)
+    assert str(tiny_paths.base) in seen["load_causal_lm"]  # the reference
+    assert [k.get("normalize") for _, k in seen["rm"]] == [False]
+    # advantages, losses, KL
+    assert {(k["gamma"], k["lam"], k["kl_coef"], k["group_size"]) for _, k in seen["advantage_params"]} == {(0.97, 0.9, 0.0, 3)}
+    assert seen["kl_controller"][0][0] == (0.07, 5.0, 777) and seen.get("kl:k3") and not seen.get("kl:k1")
+    assert {a[4:7] for a, _ in seen["policy_loss"]} == {(0.15, 0.25, 3.0)}
+    assert all(a[7] is not None for a, _ in seen["policy_loss"]) and {a[2] for a, _ in seen["tis"]} == {1.5}
+    assert {a[4] for a, _ in seen["value_loss"]} == {0.3} and {a[2] for a, _ in seen["aggregate"]} == {"seq_mean_token_sum"}
+    # the adaptive controller (horizon 777) moved the coefficient by at most 0.2 x 24 samples / 777 after step 0
+    kl_coefs = {a[4] for a, _ in seen["kl_loss"]}
+    assert len(kl_coefs) == 1 and kl_coefs != {0.07} and kl_coefs.pop() == pytest.approx(0.07, rel=0.2 * 24 / 777 + 1e-9)
+    assert {a[1] for a, _ in seen["clip_scores"]} == {4.0} and {a[2] for a, _ in seen["penalize"]} == {0.5}
+    # critic warm-up: the actor trains from step 1 on; epochs x minibatches windows per trained model and step
+    assert [k["train_actor"] for _, k in seen["train"]] == [False, True]
+    policy, critic = engines
+    lrs = {e: [lr for engine_id, lr in seen["window"] if engine_id == id(e)] for e in (policy, critic)}
+    assert len(lrs[policy]) == 2 * 2 and len(lrs[critic]) == 2 * 2 * 2
+    # minibatches of 12 samples in micro-batches of 5, 5, 2; with the entropy (entropy_coef) at the sampling temperature
+    assert [f[1:] for f in seen["policy_forward"] if f[0]] == [(5, 0.9, True), (5, 0.9, True), (2, 0.9, True)] * 4
+    # optimizers: learning rates warming up over 4 steps, weight decay, clipping
+    assert lrs[policy] == pytest.approx([1e-4 * k / 4 for k in (1, 2, 3, 4)])
+    assert lrs[critic] == pytest.approx([2e-4 * min(1.0, k / 4) for k in range(1, 9)])
+    assert policy.optimizer.param_groups[0]["weight_decay"] == 0.013 and policy.gradient_clipping() == 0.7
+    metrics = read_metrics(out)
+    assert [("eval/gold" in m) for m in metrics] == [True, True]  # eval_every=1

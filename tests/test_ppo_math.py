@@ -652,3 +652,34 @@ def test_model_inputs_left_pad_prompts_right_pad_completions():
     assert inputs.input_ids.tolist() == [[0, 0, 9, 10, 11, 12], [5, 6, 7, 8, 0, 0]]
     assert inputs.attention_mask.tolist() == [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
     assert inputs.position_ids.tolist() == [[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 3, 3]]
+
+
+@pytest.mark.parametrize("family, dropout", [
+    ("llama", {"attention_dropout": 0.5}),                                 # a rate kept on the attention module
+    ("phi3", {"attention_dropout": 0.5, "resid_pdrop": 0.5, "embd_pdrop": 0.5}),  # and nn.Dropout modules
+    ("gpt2", {"attn_pdrop": 0.5, "resid_pdrop": 0.5, "embd_pdrop": 0.5}),
+])
+def test_trained_models_compute_in_training_mode_without_dropout(family, dropout):
+    """PPO's trained models run in training mode (gradient checkpointing needs it) with every dropout off: two forwards
+    in training mode equal the eval-mode forward, for models that keep dropout rates as modules or as attributes."""
+    import transformers
+
+    from alignment.models import disable_dropout
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=64, n_embd=128, n_layer=2, n_head=2, n_positions=64, **dropout)
+    else:
+        cls = {"llama": transformers.LlamaConfig, "phi3": transformers.Phi3Config}[family]
+        config = cls(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                     head_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, **dropout)
+    config._attn_implementation = "eager"  # the attention kernel reads the module's dropout rate in training mode
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(0, 64, (2, 12))
+    model.train()
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is on as configured
+    disable_dropout(model)
+    first, second = model(ids).logits, model(ids).logits
+    model.eval()
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, model(ids).logits, rtol=0, atol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -184,11 +185,17 @@ def test_rm_lora_roundtrip_keeps_score_head(tiny_paths, tiny_sft, tmp_path):
 @pytest.mark.e2e
 def test_rm_zero3_two_processes(tiny_paths, tiny_sft, tmp_path):
     """ZeRO-3 over 2 CPU processes: ranks see different pairs; the gathered export reloads in one process
-    and gives exactly the rewards the sharded model computed."""
-    out, record = tmp_path / "run", tmp_path / "batches"
+    and gives exactly the rewards the sharded model computed. After training both ranks score the exported model
+    (statistics, held-out pairs, gold agreement), each half of the sequences, in the model's dtype: none waits for
+    the other to do it all."""
+    out, record, spied = tmp_path / "run", tmp_path / "batches", tmp_path / "scoring"
     split = even_eval_split(tiny_paths.preferences, tmp_path / "data", n_eval=128)  # 2 ranks x 2 full batches of 32
-    run_stage("rm", RECIPE, _no_gold(tiny_rm_overrides(tiny_paths, tiny_sft.final, out)) + split + ["train.max_steps=20", "output.save_steps=10"],
-              accelerate_config=REPO / "recipes/accelerate/cpu_zero3.yaml", env=stage_env(ALIGNMENT_RECORD_BATCHES=str(record)))
+    env = stage_env(ALIGNMENT_RECORD_BATCHES=str(record), ALIGNMENT_SPY_SCORING=str(spied))
+    env["PYTHONPATH"] = str(REPO / "tests" / "spies") + os.pathsep + env["PYTHONPATH"]
+    run_stage("rm", RECIPE, tiny_rm_overrides(tiny_paths, tiny_sft.final, out) + split
+              + ["train.max_steps=20", "output.save_steps=10", "gold_agreement.num_prompts=32",
+                 "gold_agreement.samples_per_prompt=4"],
+              accelerate_config=REPO / "recipes/accelerate/cpu_zero3.yaml", env=env)
     seen = [{json.loads(line)["hash"] for line in (record / f"rank{r}.jsonl").read_text().splitlines()} for r in (0, 1)]
     assert len(seen[0]) >= 20 * 32 * 0.9 and len(seen[1]) >= 20 * 32 * 0.9
     assert not seen[0] & seen[1], "both ranks were fed the same pairs"
@@ -197,6 +204,15 @@ def test_rm_zero3_two_processes(tiny_paths, tiny_sft, tmp_path):
     _check_probe(out, out / "final")
     assert summary["eval"]["num_pairs"] == 128
     assert summary["trainer_eval"]["loss"] == pytest.approx(summary["eval"]["loss"], abs=1e-5)
+    agreement = summary["gold_agreement"]
+    assert agreement["prompts"] == 32 and agreement["pairs"] + agreement["gold_ties_skipped"] == 32 * 2  # 4 answers each
+    stats_sequences = summary["reward_stats"]["num_rewards"]
+    for rank in (0, 1):
+        calls = [json.loads(line) for line in (spied / f"rank{rank}.jsonl").read_text().splitlines()]
+        # the recipe's model.dtype, asked for explicitly (bf16 cannot train on CPU: on GPUs the same line asks for it)
+        assert [c["scorer_dtype"] for c in calls if "scorer_dtype" in c] == ["torch.float32"]
+        # statistics, held-out pairs (128 x 2), gold agreement (16 prompts x 2 pairs, scored a side at a time)
+        assert [c["scored"] for c in calls if "scored" in c] == [stats_sequences // 2, 128, 32, 32], calls
 
 
 def test_rm_runs_are_reproducible(tiny_paths, tiny_sft, tmp_path):

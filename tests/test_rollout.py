@@ -104,13 +104,14 @@ def tiny_dir(tiny_paths) -> Path:
 
 @pytest.fixture(scope="module")
 def server_proc(tiny_dir, tmp_path_factory):
-    """A rollout server subprocess, started first so its start-up overlaps the in-process engine's."""
+    """A rollout server subprocess, started first so its start-up overlaps the in-process engine's: with its CPU
+    defaults (the context is the tiny model's own, shorter than 1024) and an option of vLLM's passed through."""
     port = free_port()
     env = stage_env(VLLM_CPU_KVCACHE_SPACE="1")
     log = open(tmp_path_factory.mktemp("rollout_server") / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "alignment", "rollout", "serve", "--model", str(tiny_dir), "--port", str(port),
-         "--max-model-len", str(MAX_LEN)],
+         "--max-num-seqs", "64"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     yield proc, f"http://127.0.0.1:{port}"
@@ -253,9 +254,39 @@ def test_hf_engine_server_takes_generation_and_shm_syncs(tiny_dir):
         assert all(s.weight_version == 3 for s in samples) and engine.health()["weight_version"] == 3
         with pytest.raises(RolloutError, match="is not a vLLM server"):
             RemoteEngine(url, timeout=60, weight_sync="gloo").update_weights(state.items(), version=4)
+        # behind the secret, like vLLM's server; with it, only the trainer's weight chunks are loaded
+        with pytest.raises(RolloutError, match="HTTP 401"):
+            RemoteEngine(url, timeout=60, secret="not-the-secret-0123456789").generate(PROMPTS, SamplingConfig())
+        canary = tiny_dir.parent / "canary-hf.txt"
+        canary.write_text("keep me")
+        with pytest.raises(RolloutError, match="HTTP 400.*refused to load"):
+            engine._all("/update_weights", {"paths": [str(canary)], "delete": True, "version": 5})
+        assert canary.read_text() == "keep me" and engine.health()["weight_version"] == 3
         engine.close()
     finally:
         kill_group(proc)
+
+
+def test_the_worker_loads_only_the_trainers_weight_chunks(vllm_engine, tmp_path):
+    """The worker extension's load route (reached through `/collective_rpc` on a server) takes a path: anything but a
+    chunk of the shm transport in this host's shm directory is refused before it is read or deleted: another file, a
+    `..` out of the directory, a link in it pointing out, a chunk-named file elsewhere."""
+    from rollout.weight_sync import default_shm_dir
+
+    canary = tmp_path / "canary.txt"
+    canary.write_text("keep me")
+    shm = Path(default_shm_dir())
+    outside_chunk = tmp_path / f"rollout-weights-{os.getpid()}-0123abcd-00000.safetensors"
+    outside_chunk.write_text("not weights")
+    link = shm / f"rollout-weights-{os.getpid()}-deadbeef-00000.safetensors"
+    link.symlink_to(canary)
+    try:
+        for path in (canary, shm / ".." / canary.relative_to("/"), link, outside_chunk):
+            with pytest.raises(Exception, match="refused to load"):
+                vllm_engine.load_weight_file(str(path), delete=True)
+    finally:
+        link.unlink()
+    assert canary.read_text() == "keep me" and outside_chunk.exists()
 
 
 def test_hf_engine_interface(tiny_dir):
@@ -384,6 +415,7 @@ def test_remote_server_generate_sync_and_death(server_proc, tiny_dir):
     proc, url = server_proc
     engine = make_engine("remote", urls=[url], timeout=60, wait_ready=240)
     assert engine.health()["status"] == "ok"
+    assert engine._request(url, "/v1/models")["data"][0]["max_model_len"] == MAX_LEN  # the model's own context
     assert len(engine.generate(PROMPTS, SamplingConfig(max_new_tokens=4))) == len(PROMPTS)
 
     state = random_weights(tiny_dir, seed=6)
@@ -467,6 +499,58 @@ def test_ipc_trainer_sends_packed_from_rank_0_alone(monkeypatch):
     transport._engine._post_send_sync()  # no barrier either
 
 
+def test_a_transfer_that_blocks_is_an_error_within_the_timeout():
+    """vLLM's NCCL communicator has no timeout (nor has its IPC path): a send that blocks, as one into a server that died
+    mid-transfer does, is a RolloutError within the transport's timeout, and the transfer is torn down (the NCCL
+    engine's shutdown aborts its communicator)."""
+    import threading
+
+    from rollout.weight_sync import PairsWeights, TransferEngineTransport
+
+    class BlockedSend:  # a trainer engine whose peer never receives
+        def __init__(self):
+            self.released = threading.Event()
+            self.source = None
+
+        def send_weights(self):
+            self.released.wait(60)
+
+        def shutdown(self):
+            self.released.set()
+
+    transport = TransferEngineTransport("nccl", RecordingSyncClient(), 2, timeout_s=1.0)
+    transport._engine = blocked = BlockedSend()  # connected already
+    start = time.monotonic()
+    with pytest.raises(RolloutError, match=r"weight sync \(nccl\) did not finish within 1 s \(rollout.timeout_s\)"):
+        transport.send(PairsWeights([("w", torch.zeros(4))]))
+    assert time.monotonic() - start < 5
+    assert blocked.released.wait(5), "the blocked transfer was not shut down"
+    assert transport._engine is None  # the next sync connects afresh
+
+
+def test_ipc_buffer_holds_the_largest_tensor_of_a_7b_model(monkeypatch):
+    """vLLM's packed IPC producer refuses a tensor larger than its buffer (1 GiB by default): the trainer sizes the buffer
+    for Qwen2.5-7B (built on the meta device, bf16: its embedding is 1,089,994,752 bytes) so the first sync goes through."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rollout.weight_sync import ModelWeights, TransferEngineTransport
+
+    config = AutoConfig.from_pretrained(REPO / "tests/data/qwen2.5-7b")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    weights = ModelWeights(model)
+    largest = max(t.numel() * t.element_size() for t in model.parameters())
+    assert largest == 1_089_994_752 > 2**30
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid="GPU-0"))
+    transport = TransferEngineTransport("ipc", RecordingSyncClient(), 2)
+    transport._connect(weights)
+    assert transport._engine.packed_buffer_size_bytes == largest
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA and the CUDA vllm build")
 def test_nccl_transport_gpu(tmp_path):  # pragma: no cover - runs only on a 2-GPU machine
@@ -511,3 +595,85 @@ def test_a_full_shm_stops_the_sync_with_the_fix_named(tmp_path):
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+class DirectGlooClient:
+    """vLLM's weight-sync client protocol straight into one in-process gloo worker engine (the HTTP routes' part),
+    with a model that records what it is asked to load. `worker_bucket_bytes`: the worker joins with that bucket size
+    instead of the trainer's, as a client driving /init_weight_transfer_engine itself could make it."""
+
+    def __init__(self, worker_bucket_bytes: int | None = None):
+        from types import SimpleNamespace
+
+        from rollout.gloo_transfer import GlooWeightTransferEngine
+
+        self.loaded, self.worker_errors = [], []
+        model = SimpleNamespace(load_weights=lambda tensors: self.loaded.extend(name for name, _ in tensors))
+        parallel = SimpleNamespace(data_parallel_index=0, world_size=1, rank=0)
+        self.worker = GlooWeightTransferEngine(None, SimpleNamespace(parallel_config=parallel, model_config=None),
+                                               torch.device("cpu"), model)
+        self.worker_bucket_bytes = worker_bucket_bytes
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        if self.worker_bucket_bytes is not None:
+            init_info = {**init_info, "bucket_bytes": self.worker_bucket_bytes}
+        self.worker.init_transfer_engine(self.worker.init_info_cls(**init_info))
+
+    def start_weight_update(self) -> None:  # the layerwise reload session needs a vLLM model: not under test here
+        pass
+
+    def update_weights(self, update_info: dict) -> None:
+        try:
+            self.worker.update_weights(update_info)
+        except Exception as exc:
+            self.worker_errors.append(str(exc))
+            raise
+
+    def finish_weight_update(self, weight_version=None) -> None:
+        pass
+
+
+@pytest.mark.parametrize("case", ["agreed", "other bucket size", "source short of its metadata"])
+def test_gloo_transfer_loads_only_what_both_sides_planned(case):
+    """The gloo backend's two sides agree on the transfer (tensors, bytes, buckets) before the first bucket: a worker
+    that joined with another bucket size refuses and loads nothing, and the trainer says so at once, not after the
+    timeout (gloo itself would fill the larger buffers partly and carry on); a source that yields fewer tensors than
+    its metadata declared is a clear error."""
+    from rollout.gloo_transfer import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
+    from rollout.weight_sync import PairsWeights
+
+    weights = [(f"layer{i}.weight", torch.full((64, 64), float(i))) for i in range(6)]  # 16 KiB each
+
+    class Short(PairsWeights):  # declares every tensor, yields all but the last
+        def __iter__(self):
+            return iter(self.pairs[:-1])
+
+    source = (Short if case == "source short of its metadata" else PairsWeights)(weights)
+    client = DirectGlooClient(worker_bucket_bytes=48 * 1024 if case == "other bucket size" else None)
+    info = GlooTrainerInitInfo(master_address="127.0.0.1", master_port=free_port(), world_size=2, timeout_s=20,
+                               bucket_bytes=32 * 1024, rank=0)
+    trainer = GlooTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
+    start = time.monotonic()
+    if case == "agreed":
+        trainer.send_weights()
+        assert client.loaded == [name for name, _ in weights]
+        return
+    expected = "refused the weight update, nothing loaded" if case == "other bucket size" else "yielded 5 tensors where its metadata declared 6"
+    with pytest.raises((RuntimeError, ValueError), match=expected):
+        trainer.send_weights()
+    if case == "other bucket size":
+        assert time.monotonic() - start < 10  # the handshake's answer, not the group's 20 s timeout
+        deadline = time.monotonic() + 10
+        while not client.worker_errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.worker_errors and "refused, nothing loaded: the trainer sends 6 tensors" in client.worker_errors[0]
+        assert client.loaded == []
+
+
+def test_nothing_we_configure_sends_gpu_sampling_to_vllms_per_request_loop(vllm_engine):
+    """Every rollout request carries a seed (exact resume). vLLM's V1 model runner samples each seeded request with a
+    kernel of its own at every decode step ("TODO: This can be slow"); its V2 runner, the default on CUDA with Triton,
+    keeps a seed per request in one tensor and samples all of them in one Gumbel kernel, at no extra cost. It falls
+    back to V1 only for the features this list names: none of our engine's settings may be among them."""
+    config = vllm_engine.llm.llm_engine.vllm_config
+    assert config._get_v2_model_runner_unsupported_features() == []

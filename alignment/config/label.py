@@ -73,7 +73,11 @@ class LabelerSpec:
 
     def check(self, key: str) -> list[str]:
         needed = {"function": "function", "model": "path", "judge": "judge"}[self.kind]
-        return [] if getattr(self, needed) else [f"{key}.{needed}: required when kind is '{self.kind}'"]
+        errors = [] if getattr(self, needed) else [f"{key}.{needed}: required when kind is '{self.kind}'"]
+        if self.judge is not None and self.judge.max_prompts is not None:
+            errors.append(f"{key}.judge.max_prompts: a labeler labels every exported item (the key limits `alignment "
+                          "eval`'s judge); export fewer items (prompts.num_prompts) instead")
+        return errors
 
     def label(self) -> str:
         if self.name:

@@ -56,7 +56,8 @@ class RolloutSection:
     sleep: bool = option(
         False, help="engine=vllm on a GPU: put the engine to sleep (weights to host memory, KV cache freed) while the "
         "trainer scores and trains, and wake it for the weight sync and generation")
-    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", help="vLLM weights dtype; match the trainer for exact logprobs")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = option(
+        None, help="the rollout engine's weights dtype (None: the policy's, so that its log-probs match the trainer's)")
     sampling: SamplingSection = option(SamplingSection(samples_per_prompt=4), help="sampling parameters")
     async_generation: bool = option(
         False, help="generate the next step's rollouts while this step scores and trains: samples are one policy "
@@ -86,11 +87,15 @@ class RolloutSection:
             errors.append("rollout.sleep: needs the engine on a GPU (on CPU nothing is gained: turn it off)")
         return errors
 
+    def engine_dtype(self, policy_dtype: str) -> str:
+        """The dtype the rollout engine runs: the recipe's, else the policy's."""
+        return self.dtype or policy_dtype
+
     def sync_check_tolerance_for(self, policy_dtype: str) -> float:
         """The probe's tolerance: the recipe's, else tight when both sides compute in float32."""
         if self.sync_check_tolerance is not None:
             return self.sync_check_tolerance
-        return 1.02 if self.dtype == policy_dtype == "float32" else 1.10
+        return 1.02 if self.engine_dtype(policy_dtype) == policy_dtype == "float32" else 1.10
 
 
 @recipe
@@ -147,13 +152,20 @@ class PPOTrainSection:
 
 
 @recipe
+class PPOPromptsSection(DataSection):
+    """PPO's training prompts: every row loaded is trained on (held-out prompts go in the `eval` section)."""
+
+    eval_fraction: float = option(0.0, help="must stay 0: PPO holds nothing out of its training prompts", min=0.0, max=0.5)
+
+
+@recipe
 class PPORecipe:
     stage: Literal["ppo"] = option("ppo", help="stage this recipe is for")
     policy: ModelSection = required(help="policy to optimise (usually the SFT checkpoint)")
     reference: ModelSection | None = option(None, help="KL reference (default: the policy's initial weights)")
     value: ModelSection | None = option(None, help="critic initialisation (usually the RM or SFT checkpoint); needed by advantage: gae")
     rewards: list[RewardSource] = required(help="reward terms, summed with their weights")
-    prompts: DataSection = required(help="PPO prompts: `prompt` as text or messages; other columns go to reward functions")
+    prompts: PPOPromptsSection = required(help="PPO prompts: `prompt` as text or messages; other columns go to reward functions")
     rollout: RolloutSection = option(RolloutSection(), help="generation engine and weight sync")
     algorithm: PPOAlgorithmSection = option(PPOAlgorithmSection(), help="PPO algorithm")
     train: PPOTrainSection = required(help="optimisation")
@@ -162,8 +174,29 @@ class PPORecipe:
     eval: GoldEvalSection | None = option(None, help="periodic greedy evaluation on held-out prompts")
     eval_every: int = option(10, help="evaluate every N steps (and at the end)", min=1)
 
+    def rank0_alone_s(self) -> float:
+        """The longest the other ranks may wait in one collective while rank 0 works alone, by construction: each
+        request to a rollout server has `rollout.timeout_s`, and so has a weight transfer. The worst stretch is an
+        evaluation step: the sync's transfer and its three calls per server, the probe, the evaluation's requests,
+        then the next step's generation, both sent at most MAX_REQUESTS_IN_FLIGHT at a time (a colocated engine is
+        given the same allowance)."""
+        from rollout.remote import MAX_REQUESTS_IN_FLIGHT
+
+        def rounds(requests: int) -> int:
+            return -(-requests // MAX_REQUESTS_IN_FLIGHT)
+
+        evaluation = rounds(self.eval.num_prompts) if self.eval is not None else 0
+        return self.rollout.timeout_s * (5 + evaluation + rounds(self.train.prompts_per_step))
+
     def check(self) -> list[str]:
         errors = [e for i, r in enumerate(self.rewards) for e in r.check(f"rewards.{i}")]
+        for key, section in (("value", self.value), ("reference", self.reference)):
+            if section is not None and section.lora is not None:
+                errors.append(f"{key}.lora: only the policy trains LoRA adapters in PPO (the critic trains all its "
+                              "weights, the reference is frozen); remove it")
+        if self.prompts.eval_sources or self.prompts.eval_fraction > 0:
+            errors.append("prompts.eval_fraction / prompts.eval_sources: PPO trains on every prompt it loads (held-out "
+                          "rows would be dropped unused); set eval_fraction: 0 and give held-out prompts in eval.prompts")
         if self.algorithm.advantage == "gae" and self.value is None:
             errors.append("value: required when algorithm.advantage is 'gae' (or choose a critic-free estimator such as grpo)")
         from alignment.ppo.advantages import validate_advantage_estimator  # the registry knows each estimator's needs

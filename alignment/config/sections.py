@@ -91,7 +91,8 @@ class GoldEvalSection:
     num_prompts: int = option(128, help="evaluate on at most this many prompts", min=1)
     max_new_tokens: int = option(32, help="generation budget per answer", min=1)
     temperature: float = option(1.0, help="sampling temperature: 1.0 scores the policy as it samples, 0 = greedy", min=0.0)
-    samples_per_prompt: int = option(1, help="answers sampled per prompt (the metric averages over all)", min=1)
+    samples_per_prompt: int = option(1, help="answers sampled per prompt (the metric averages over all; the RM's gold "
+                                     "agreement compares them in pairs, at least one pair per prompt)", min=1)
 
 
 @recipe

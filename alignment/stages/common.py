@@ -387,6 +387,18 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(item, target)
 
 
+def release_trainer(trainer) -> None:
+    """Free what a finished trainer holds on this rank (DeepSpeed engine, optimizer states, gradients, the model), so
+    that what follows (scoring the exported model) has the memory training had. Only `trainer.state` stays usable."""
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.deepspeed = trainer.optimizer = trainer.lr_scheduler = None
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def unset_zero3_init() -> None:
     """After training, let rank 0 load models normally (HF's ZeRO-3 hook would partition them collectively)."""
     try:

@@ -107,7 +107,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
     the recipe's (tests share one vLLM engine this way); its weights are replaced by the policy's."""
     if engine is None and (errors := recipe.rollout.device_errors(cuda=torch.cuda.is_available())):
         raise UserError("; ".join(errors))
-    init_distributed(timeout_s=recipe.rollout.timeout_s)
+    init_distributed(timeout_s=recipe.rank0_alone_s())
     rank, world = dist.get_rank(), dist.get_world_size()
     zero = ZeroSettings.from_accelerate_env()
     dev = device()
@@ -145,14 +145,20 @@ def run(recipe: PPORecipe, engine=None) -> None:
     if rank == 0:
         for warning in ignored_accelerate_settings(recipe.policy.dtype):
             print(f"warning: the accelerate config's {warning}", flush=True)
+        if recipe.policy.lora is not None and recipe.policy.lora.dropout > 0:
+            print(f"warning: policy.lora.dropout={recipe.policy.lora.dropout} is not applied: PPO trains with every "
+                  "dropout off (the ratio to the old policy and the rollout engine's log-probs need a deterministic "
+                  "policy)", flush=True)
         plan = memory_plan.announce("ppo", recipe, prompt_tokens=max(len(ids) for ids in prompt_ids))
     with zero3_init(zero, DTYPES[recipe.policy.dtype]):  # models built sharded when the config asks (zero3_init_flag)
         policy_model = _policy_model(recipe, zero)
         value_model = TokenValueModel(load_value_model(recipe.value)) if estimator.needs_critic else None
         reference_model = load_causal_lm(recipe.reference or recipe.policy)
-        # The RM is sharded like the reference under ZeRO-3, in the policy's dtype unless its term says otherwise.
+        # The RM is sharded like the reference under ZeRO-3, in the policy's dtype unless its term says otherwise, and
+        # scores micro-batches as the other models do (32 whole sequences at once took 6.8 GiB at 7B).
         reward = CompositeReward.from_recipe(recipe.rewards, dev, recipe.policy.dtype,
-                                             place=lambda model: make_inference_model(model, zero))
+                                             place=lambda model: make_inference_model(model, zero),
+                                             batch_size=algo.micro_batch_size)
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(policy_model)
         if value_model is not None:
@@ -219,7 +225,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         if rank == 0:
             step_rollouts = rollouts.get(step, rows)
             samples, generate_seconds = step_rollouts.samples, step_rollouts.generate_seconds
-            if recipe.rollout.sleep:  # the GPU is the trainer's until the sync
+            if recipe.rollout.sleep:  # the GPU is the trainer's until the sync (the engine's weights are dropped)
                 engine.sleep()
             if step + 1 < train.steps:  # peek at the next rows; `state` moves on when that step takes them
                 rollouts.prefetch(step + 1, _next_prompt_rows(replace(state), len(prompts), train.prompts_per_step, train.seed))
@@ -278,10 +284,15 @@ def run(recipe: PPORecipe, engine=None) -> None:
         if rank == 0:
             timings["generate_wait"] = rollouts.wait()
             if recipe.rollout.sleep:
-                engine.wake_up()
+                # PyTorch's cache still holds the training peak, which vLLM's own allocator cannot use: hand it back
+                # first. Only the weights wake for the sync; the KV cache after it, when the training state has room.
+                torch.cuda.empty_cache()
+                engine.wake_up(["weights"])
         t3 = time.perf_counter()
         sync_stats = sync_weights(engine, policy, version=step + 1)
         timings["sync"] = time.perf_counter() - t3
+        if rank == 0 and recipe.rollout.sleep:
+            engine.wake_up(["kv_cache"])
         probe_error = sync_check(engine, policy, tokenizer.pad_token_id, dev, step + 1, rank)
 
         # ---- 6. metrics, KL controller, checkpoint, evaluation
@@ -492,13 +503,14 @@ def _make_rollout_engine(recipe: PPORecipe):
     from rollout import make_engine
 
     r = recipe.rollout
-    policy_path = recipe.policy.name_or_path
+    policy_path, dtype = recipe.policy.name_or_path, r.engine_dtype(recipe.policy.dtype)
     if r.engine == "vllm":
-        return make_engine("vllm", model=policy_path, dtype=r.dtype, max_model_len=r.max_model_len, seed=recipe.train.seed,
+        return make_engine("vllm", model=policy_path, dtype=dtype, max_model_len=r.max_model_len, seed=recipe.train.seed,
                            weight_transport=r.weight_sync, transfer_timeout_s=r.timeout_s,
-                           gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.sleep)
+                           gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=r.sleep,
+                           trust_remote_code=recipe.policy.trust_remote_code)
     if r.engine == "hf":
-        return make_engine("hf", model=policy_path)
+        return make_engine("hf", model=policy_path, dtype=dtype, seed=recipe.train.seed)
     return make_engine("remote", urls=r.servers, timeout=r.timeout_s, wait_ready=r.timeout_s, weight_sync=r.weight_sync,
                        master_address=r.trainer_address, tokenizer=policy_path)
 
@@ -513,7 +525,8 @@ def _launch_servers(recipe: PPORecipe):
     r = recipe.rollout
     log_dir = tempfile.mkdtemp(prefix="alignment-rollout-servers-")
     print(f"ppo: starting {r.launch_servers} rollout server(s), logs in {log_dir}", flush=True)
-    return launch_servers(recipe.policy.name_or_path, r.launch_servers, r.server_devices, dtype=r.dtype,
+    return launch_servers(recipe.policy.name_or_path, r.launch_servers, r.server_devices,
+                          dtype=r.engine_dtype(recipe.policy.dtype),
                           max_model_len=r.max_model_len, seed=recipe.train.seed, timeout_s=r.timeout_s,
                           ready_timeout_s=None, log_dir=log_dir, weight_sync=r.weight_sync)
 

@@ -5,6 +5,10 @@ loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin) [+ c * mean((r_c
 Reads top to bottom: setup -> data (tokenised here, so over-long pairs are counted, then dropped or
 truncated by `rm.overlong`; TRL would drop them silently) -> train (resumable) -> held-out accuracy and
 margins -> export to `<output.dir>/final` (+ reward_stats.json) -> optional gold agreement.
+
+What comes after the export (reward statistics, held-out accuracy, gold agreement) scores the exported checkpoint in
+the model's dtype on every rank, each rank a share of the sequences: on rank 0 alone, in fp32, it took tens of
+minutes at 7B while the other ranks waited in a collective with a 10-minute timeout.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from alignment import distributed, models
 from alignment.config.rm import RMRecipe
 from alignment.stages import common
+from alignment.training import device
 
 
 def run(recipe: RMRecipe) -> dict:
@@ -81,26 +86,30 @@ def run(recipe: RMRecipe) -> dict:
         summary["probe_margin_mean"] = sum(c - r for c, r in zip(probe["chosen"], probe["rejected"])) / max(len(pairs), 1)
         common.write_probe(layout, {"chosen_ids": list(pairs["chosen_ids"]), "rejected_ids": list(pairs["rejected_ids"]), **probe})
 
-    # ---- export, then statistics and evaluation from the exported checkpoint (rank 0)
+    # ---- export, then statistics and evaluation from the exported checkpoint, shared by every rank
     final = common.export_final(trainer, tokenizer, layout, recipe.model, merge_lora=True, auto_cls=AutoModelForSequenceClassification)
+    step = trainer.state.global_step
+    common.release_trainer(trainer)  # the training state makes room for the exported model on every rank
+    del trainer, model
     common.unset_zero3_init()
+    scorer = RewardModelScorer(final, device=device(), batch_size=64, dtype=models.DTYPES[recipe.model.dtype])
+    n = min(recipe.rm.stats_max_pairs, len(train))
+    rewards = score_across_ranks(scorer, list(train[:n]["chosen_ids"]) + list(train[:n]["rejected_ids"]))
+    stats = {"mean": rewards.mean().item(), "std": rewards.std().item(), "num_rewards": len(rewards),
+             "max_length": recipe.train.max_length,
+             # how pairs were rendered: every consumer (PPO, eval, labelers) must render the same way
+             "rendering": rendering_of(tokenizer, data.format.conversational)}
+    summary["reward_stats"] = stats
+    if evald is not None:
+        summary["eval"] = pairwise_eval(*score_across_ranks(scorer, list(evald["chosen_ids"]) + list(evald["rejected_ids"]))
+                                        .chunk(2))
+        logger.log(step, {f"eval/pairwise_{k}": v for k, v in summary["eval"].items()})
+    if recipe.gold_agreement is not None:
+        summary["gold_agreement"] = gold_agreement(recipe, scorer)
+        logger.log(step, {"gold/agreement": summary["gold_agreement"]["agreement"]})
     if distributed.is_main():
-        scorer = RewardModelScorer(final, device="cuda" if torch.cuda.is_available() else "cpu", batch_size=64)
-        n = min(recipe.rm.stats_max_pairs, len(train))
-        rewards = torch.cat([scorer.score_ids(list(train[:n]["chosen_ids"])), scorer.score_ids(list(train[:n]["rejected_ids"]))])
-        stats = {"mean": rewards.mean().item(), "std": rewards.std().item(), "num_rewards": len(rewards),
-                 "max_length": recipe.train.max_length,
-                 # how pairs were rendered: every consumer (PPO, eval, labelers) must render the same way
-                 "rendering": rendering_of(tokenizer, data.format.conversational)}
         for target in [final] + ([layout.adapter] if layout.adapter.exists() else []):
             _write_json(target / STATS_FILE, stats)
-        summary["reward_stats"] = stats
-        if evald is not None:
-            summary["eval"] = pairwise_eval(scorer, evald)
-            logger.log(trainer.state.global_step, {f"eval/pairwise_{k}": v for k, v in summary["eval"].items()})
-        if recipe.gold_agreement is not None:
-            summary["gold_agreement"] = gold_agreement(recipe, scorer)
-            logger.log(trainer.state.global_step, {"gold/agreement": summary["gold_agreement"]["agreement"]})
         _print_summary(summary, final)
     distributed.barrier()
     common.write_summary(layout, summary, start.plan)
@@ -173,10 +182,19 @@ def probe_rewards(trainer, pairs) -> dict:
     return out
 
 
-def pairwise_eval(scorer, pairs) -> dict:
-    """Held-out pairwise accuracy and reward-margin statistics (margin = r_chosen - r_rejected)."""
-    chosen = scorer.score_ids(list(pairs["chosen_ids"]))
-    rejected = scorer.score_ids(list(pairs["rejected_ids"]))
+def score_across_ranks(scorer, sequences: list[list[int]]) -> torch.Tensor:
+    """Rewards [N] of encoded sequences on every rank: rank r scores sequences r, r + W, ... (lengths spread evenly over
+    the ranks), and the shares are gathered back in order."""
+    world, rank = distributed.world_size(), distributed.rank()
+    shares = distributed.gather_objects(scorer.score_ids(sequences[rank::world]).tolist())
+    rewards = torch.zeros(len(sequences))
+    for r, share in enumerate(shares):
+        rewards[r::world] = torch.tensor(share)
+    return rewards
+
+
+def pairwise_eval(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """Held-out pairwise accuracy and reward-margin statistics (margin = r_chosen - r_rejected) of the pairs' rewards."""
     margin = chosen - rejected
     loss = torch.nn.functional.softplus(-margin).mean().item()  # -log sigmoid(margin)
     return {
@@ -191,7 +209,9 @@ def pairwise_eval(scorer, pairs) -> dict:
 
 
 def gold_agreement(recipe: RMRecipe, scorer) -> dict:
-    """Fresh completions from the base policy, two per held-out prompt; how often the RM orders them as the rule does.
+    """Fresh completions from the base policy, samples_per_prompt (at least two) per held-out prompt, compared in
+    consecutive pairs; how often the RM orders a pair as the rule does. Every rank takes a share of the prompts (rank r:
+    r, r + W, ...) and sees the whole result.
 
     Pairs whose two completions get the same gold score carry no preference and are skipped (counted).
     """
@@ -201,24 +221,30 @@ def gold_agreement(recipe: RMRecipe, scorer) -> dict:
 
     section = recipe.gold_agreement
     tokenizer = scorer.tokenizer
-    prompts, columns = load_prompts(section)
+    world, rank = distributed.world_size(), distributed.rank()
+    all_prompts, all_columns = load_prompts(section)
+    prompts, columns = all_prompts[rank::world], {k: v[rank::world] for k, v in all_columns.items()}
     policy = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=models.DTYPES[recipe.model.dtype])
-    temperature = section.temperature if section.temperature > 0 else 1.0  # two different samples per prompt
-    completions = generate(policy, tokenizer, prompts, section.max_new_tokens, temperature, num_return_sequences=2,
-                           seed=recipe.train.seed)
+    temperature = section.temperature if section.temperature > 0 else 1.0  # different samples per prompt
+    n = max(2, section.samples_per_prompt) // 2 * 2
+    completions = generate(policy.to(device()), tokenizer, prompts, section.max_new_tokens, temperature,
+                           num_return_sequences=n, seed=recipe.train.seed + rank) if prompts else []
     del policy
-    a, b = completions[0::2], completions[1::2]
+    a, b = completions[0::2], completions[1::2]  # completions come n per prompt: n / 2 pairs of each prompt
+    prompts, columns = [p for p in prompts for _ in range(n // 2)], {k: [v for v in vs for _ in range(n // 2)]
+                                                                     for k, vs in columns.items()}
     gold_a, gold_b = score(section.reward_function, prompts, a, columns), score(section.reward_function, prompts, b, columns)
-    rm_a, rm_b = scorer.score(prompts, a), scorer.score(prompts, b)
+    rm_a, rm_b = scorer.score(prompts, a).tolist(), scorer.score(prompts, b).tolist()
+    shares = distributed.gather_objects(list(zip(gold_a, gold_b, rm_a, rm_b)))
     agree = decided = ties = 0
-    for ga, gb, ra, rb in zip(gold_a, gold_b, rm_a.tolist(), rm_b.tolist()):
+    for ga, gb, ra, rb in (pair for share in shares for pair in share):
         if math.isclose(ga, gb):
             ties += 1
             continue
         decided += 1
         agree += (ga > gb) == (ra > rb)
     return {"agreement": agree / decided if decided else float("nan"), "pairs": decided, "gold_ties_skipped": ties,
-            "temperature": temperature, "prompts": len(prompts)}
+            "temperature": temperature, "prompts": len(all_prompts)}
 
 
 def _write_json(path: Path, obj: dict) -> None:
