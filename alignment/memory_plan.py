@@ -45,10 +45,12 @@ VLLM_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default share of the GPU for a coloc
 # and the reuse distance, HF's "auto" reduce bucket (DeepSpeed's own default is 5e8 elements whatever the model).
 ZERO3_SUB_GROUP_ELEMENTS = 1_000_000_000
 ZERO3_MAX_REUSE_DISTANCE = 1_000_000_000
+ZERO3_MIN_REDUCE_BUCKET_ELEMENTS = 4 * 2**20  # small models: a few reductions per backward, not one per layer
 
 
 def zero3_reduce_bucket_elements(hidden_size: int) -> int:
-    return hidden_size * hidden_size
+    """HF's "auto" reduce bucket, hidden^2 elements (12.8M at 7B), at least 4M."""
+    return max(hidden_size * hidden_size, ZERO3_MIN_REDUCE_BUCKET_ELEMENTS)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +25,12 @@ from deepspeed.accelerator import get_accelerator
 from alignment.distributed import any_rank
 from alignment.memory_plan import ZERO3_MAX_REUSE_DISTANCE, ZERO3_SUB_GROUP_ELEMENTS, zero3_reduce_bucket_elements
 from alignment.models import disable_dropout
+
+
+# DeepSpeed's ZeRO-3 calls torch collectives that torch 2.13 deprecates: a FutureWarning per call, hundreds of lines a
+# step (enough to fill a launcher's output pipe), about nothing a user can change.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is "
+                        "deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -133,10 +140,11 @@ def _zero_config(zero: ZeroSettings, hidden_size: int | None) -> dict:
             # layer of each micro-batch costs a collective apiece for a few KB (HF's "auto" value). Weight matrices
             # are larger and stay sharded.
             config["stage3_param_persistence_threshold"] = 10 * hidden_size
-            # HF's "auto" buckets: DeepSpeed's default reduce bucket is 5e8 elements (954 MiB in bf16) on every rank
-            # for each trained model, whatever the model's size.
+            # HF's "auto" reduce bucket: DeepSpeed's default is 5e8 elements (954 MiB in bf16) on every rank for each
+            # trained model, whatever the model's size. (HF's "auto" prefetch bucket, 0.9 x hidden^2, is not taken:
+            # with it a ZeRO-3 gather after training found parameters still in flight and DeepSpeed aborted, 2 CPU
+            # ranks; DeepSpeed's default of 5e7 elements does not.)
             config["reduce_bucket_size"] = zero3_reduce_bucket_elements(hidden_size)
-            config["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
     return config
 
 

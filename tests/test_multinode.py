@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,14 +33,18 @@ def _free_port() -> int:
 
 
 def _node(machine_rank: int, port: int, out: Path, tiny, sft, rm, steps: int) -> subprocess.Popen:
-    """One "node": the multi-node template with one process on this machine (CPU: no bf16)."""
+    """One "node": the multi-node template with one process on this machine (CPU: no bf16). Its output goes to a
+    file (`node.log`, read by `_finish`): a pipe nobody reads while the test waits would fill and block the ranks."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(MULTINODE),
            "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(machine_rank),
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--mixed_precision", "no",
            "-m", "alignment", "ppo", str(TINY_PPO), *tiny_ppo_overrides(tiny, sft, rm, out), "rollout.engine=hf",
            f"train.steps={steps}", "output.save_steps=2", "eval=null", "algorithm.critic_warmup_steps=1"]
-    return subprocess.Popen(cmd, cwd=REPO, env=stage_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tempfile.NamedTemporaryFile("w+", suffix=f"-node{machine_rank}.log", delete=False)
+    node = subprocess.Popen(cmd, cwd=REPO, env=stage_env(PYTHONUNBUFFERED="1"), stdout=log, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    node.log = Path(log.name)
+    return node
 
 
 def _both(outs: tuple[Path, Path], tiny, sft, rm, steps: int) -> list[subprocess.Popen]:
@@ -51,11 +56,11 @@ def _finish(nodes: list[subprocess.Popen], timeout: float = 900) -> list[tuple[i
     results = []
     for node in nodes:
         try:
-            output, _ = node.communicate(timeout=timeout)
+            node.wait(timeout=timeout)
         finally:
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
-        results.append((node.returncode, output))
+        results.append((node.returncode, node.log.read_text()))
     return results
 
 

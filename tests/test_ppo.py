@@ -278,9 +278,10 @@ def test_nan_rewards_skip_steps_then_stop(tiny_paths, tiny_sft, tiny_rm, vllm_en
     assert not (out / "final").exists()
 
 
-def _launch(args: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "alignment", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def _launch(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`alignment <args>` with its output in `log` (a pipe nobody reads while the test waits could fill and block it)."""
+    return subprocess.Popen([sys.executable, "-m", "alignment", *args], cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 @pytest.mark.e2e
@@ -292,17 +293,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_paths, tiny_sft, tiny_
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = lambda out: [*common, *tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out)]  # noqa: E731
 
-    assert _launch(args(straight), env).wait(timeout=600) == 0
+    assert _launch(args(straight), env, tmp_path / "straight.log").wait(timeout=600) == 0
 
-    proc = _launch(args(resumed), env)
+    proc = _launch(args(resumed), env, tmp_path / "killed.log")
     deadline = time.time() + 600
     while not (resumed / "checkpoints" / "checkpoint-4").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its checkpoint at step 4"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    rerun = _launch(args(resumed), env)
-    output, _ = rerun.communicate(timeout=600)
+    rerun = _launch(args(resumed), env, tmp_path / "rerun.log")
+    rerun.wait(timeout=600)
+    output = (tmp_path / "rerun.log").read_text()
     assert rerun.returncode == 0, output[-3000:]
     assert "resumed at step 4" in output
 
