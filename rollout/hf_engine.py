@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,25 @@ import torch.nn.functional as F
 from rollout.types import Sample, SamplingConfig, SyncStats
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def our_sampling_only(model):
+    """While open, `model.generate` samples with the settings it is given and transformers' neutral defaults only.
+
+    generate() fills every setting a call leaves None from the model's generation_config.json (a Qwen-Instruct-style
+    model: top_p 0.8, repetition_penalty 1.05), so the engine would sample from, and report log-probs of, another
+    distribution than the full softmax the trainer scores. The model's own config is put back afterwards (a model
+    exported later keeps it)."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
+                                               pad_token_id=saved.pad_token_id)
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 class HFEngine:
@@ -92,19 +112,20 @@ class HFEngine:
             temperature=None if greedy else sampling.temperature,
             # 0 disables top-k; None would fall back to transformers' default top_k=50, a distribution the trainer never sees
             top_k=None if greedy else max(sampling.top_k, 0),
-            top_p=None if greedy or sampling.top_p >= 1 else sampling.top_p,
+            top_p=None if greedy else sampling.top_p,
             eos_token_id=stop_ids or None,
             pad_token_id=pad,
             stop_strings=list(sampling.stop) or None,
             output_scores=True,
             return_dict_in_generate=True,
         )
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention.to(self.device),
-            generation_config=gen_config,
-            tokenizer=tok if sampling.stop else None,
-        )
+        with our_sampling_only(self.model):
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                generation_config=gen_config,
+                tokenizer=tok if sampling.stop else None,
+            )
         new = out.sequences[:, width:].cpu()
         # scores are the processed (warped) logits the token was drawn from; greedy: raw logits.
         logp = torch.stack([F.log_softmax(s.float(), dim=-1).cpu() for s in out.scores], dim=1)

@@ -1,7 +1,7 @@
 """Rollouts from a stock vLLM OpenAI server: one `/v1/completions` request per prompt, the prompt as token ids.
 
-One request per prompt keeps our seeding (prompt i of a call samples with seed `seed + i`, as the colocated engine
-does); the server batches concurrent requests itself. The server must report the log-probs of the distribution it
+One request per prompt keeps our seeding (prompt i of a call is seeded `SamplingConfig.prompt_seed(i)`, as in the
+colocated engine); the server batches concurrent requests itself. The server must report the log-probs of the distribution it
 sampled from (`--logprobs-mode processed_logprobs`) and ignore the model's generation_config defaults
 (`--generation-config vllm`): `alignment rollout serve` starts it so.
 """
@@ -23,7 +23,7 @@ def completion_request(model: str, prompt: str | list[int], sampling: SamplingCo
         "max_tokens": sampling.max_new_tokens,
         "stop": list(sampling.stop) or None,
         "stop_token_ids": list(sampling.stop_token_ids),
-        "seed": None if sampling.seed is None else sampling.seed + prompt_index,
+        "seed": sampling.prompt_seed(prompt_index),
         "logprobs": 0,  # the sampled token's only
         "return_token_ids": True,
         "skip_special_tokens": True,

@@ -160,7 +160,7 @@ class RemoteEngine:
             lo, hi = bounds[j], bounds[j + 1]
             shard_sampling = SamplingConfig.from_dict(sampling.to_dict())
             if shard_sampling.seed is not None:
-                shard_sampling.seed += lo  # prompt i keeps seed + i whatever the split
+                shard_sampling.seed = sampling.prompt_seed(lo)  # prompt i keeps its seed whatever the split
             payload = {"prompts": [p if isinstance(p, str) else [int(t) for t in p] for p in prompts[lo:hi]],
                        "sampling": shard_sampling.to_dict()}
             futures.append((lo, self._pool.submit(self._request, self.urls[j], "/generate", payload)))

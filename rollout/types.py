@@ -15,8 +15,9 @@ class SamplingConfig:
     """How to sample completions. Same meaning for every engine.
 
     temperature 0 means greedy. top_k <= 0 and top_p == 1 disable those filters. `seed` makes a call
-    reproducible: prompt i is sampled with seed `seed + i` (so equal prompts still get distinct
-    samples); None draws fresh randomness. `n` completions are drawn per prompt.
+    reproducible: every sample draws a stream of its own, seed + i * n + k for the k-th of prompt i's n samples
+    (`prompt_seed`), so equal prompts still get distinct samples; None draws fresh randomness. `n` completions are
+    drawn per prompt.
     """
 
     temperature: float = 1.0
@@ -39,6 +40,12 @@ class SamplingConfig:
             raise ValueError(f"n must be >= 1, got {self.n}")
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+
+    def prompt_seed(self, prompt_index: int) -> int | None:
+        """The seed of prompt i's request. vLLM seeds the k-th of a request's n samples `seed + k`; with requests
+        seeded `seed + i` (as before) samples (i, k) and (i', k') shared a stream whenever i + k = i' + k', and a
+        prompt repeated in a call got the same samples. Strided by n, every sample's stream is its own."""
+        return None if self.seed is None else self.seed + prompt_index * self.n
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -43,7 +43,7 @@ def cpu_context_length(model: str) -> int:
 
 
 def to_sampling_params(sampling: SamplingConfig, prompt_index: int = 0):
-    """SamplingConfig -> vllm.SamplingParams (prompt i gets seed `seed + i`)."""
+    """SamplingConfig -> vllm.SamplingParams of prompt i (seeded `sampling.prompt_seed(i)`)."""
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -54,7 +54,7 @@ def to_sampling_params(sampling: SamplingConfig, prompt_index: int = 0):
         max_tokens=sampling.max_new_tokens,
         stop=list(sampling.stop) or None,
         stop_token_ids=list(sampling.stop_token_ids) or None,
-        seed=None if sampling.seed is None else sampling.seed + prompt_index,
+        seed=sampling.prompt_seed(prompt_index),
         logprobs=0,  # only the sampled token's logprob
         flat_logprobs=True,  # primitive lists instead of one dict + Logprob object per token
         # vLLM would also detokenize every logprob token, one call per token; without stop strings

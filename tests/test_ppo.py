@@ -6,6 +6,7 @@ Runs in this process share the session's vLLM engine (`vllm_engine`); the stage 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -55,6 +56,7 @@ def assert_gold_rises(metrics: list[dict], sft_gold: float, label: str) -> None:
 def test_gae_ppo_raises_gold_over_sft(tiny_sft, tiny_ppo):
     """recipes/tiny/ppo.yaml (GAE with a critic initialised from the RM, learned RM reward) beats SFT on the rule."""
     assert_gold_rises(tiny_ppo.metrics, tiny_sft.summary["gold_after"], "gae")
+    assert not any(m["ppo/overoptimization"] for m in tiny_ppo.metrics)  # reward and gold rise together: no warning
     # The exported policy and every checkpoint's policy are plain HF checkpoints.
     assert (tiny_ppo.final / "model.safetensors").is_file() and (tiny_ppo.final / "tokenizer.json").is_file()
     assert (tiny_ppo.dir / "checkpoints" / "checkpoint-20" / "policy_hf" / "model.safetensors").is_file()
@@ -182,6 +184,12 @@ def test_truncated_sampling_is_refused_for_ppo():
     for override, key in (("rollout.sampling.top_p=0.9", "top_p"), ("rollout.sampling.top_k=20", "top_k")):
         with pytest.raises(RecipeError, match=rf"rollout.sampling.{key}: PPO rollouts need .* full softmax"):
             load_recipe(TINY_PPO, PPORecipe, [override], check_paths=False)
+
+
+def test_greedy_rollouts_are_refused_for_ppo():
+    """Temperature 0 makes every answer to a prompt the same: group advantages are all zero and nothing is learned."""
+    with pytest.raises(RecipeError, match=r"rollout.sampling.temperature: PPO needs sampled answers.*advantages are all zero"):
+        load_recipe(TINY_PPO, PPORecipe, ["rollout.sampling.temperature=0"], check_paths=False)
 
 
 def test_answers_longer_than_the_reward_model_reads_are_refused_at_start(tiny_paths, tiny_sft, tiny_rm, tmp_path):
@@ -694,10 +702,10 @@ def test_ppo_prompts_hold_nothing_out_by_default(tiny_paths, tiny_sft, tiny_rm, 
 
 
 class RecordingEngine:
-    """The session's vLLM engine, recording the sampling settings of every generation the stage asks for."""
+    """The session's vLLM engine, recording the sampling settings and samples of every generation the stage asks for."""
 
     def __init__(self, inner):
-        self.inner, self.sampling = inner, []
+        self.inner, self.sampling, self.samples = inner, [], []
 
     @property
     def weight_version(self):
@@ -705,7 +713,8 @@ class RecordingEngine:
 
     def generate(self, prompts, sampling):
         self.sampling.append(sampling)
-        return self.inner.generate(prompts, sampling)
+        self.samples.append(self.inner.generate(prompts, sampling))
+        return self.samples[-1]
 
     def update_weights(self, weights, version):
         return self.inner.update_weights(weights, version)
@@ -782,7 +791,7 @@ def test_every_algorithm_and_training_key_reaches_the_code_that_uses_it(tiny_pat
     # rollout sampling (the sync check's probe asks for one 8-token answer per prompt)
     rollouts = [s for s in engine.sampling if s.n == 3]
     assert len(rollouts) == 2 and {(s.temperature, tuple(s.stop)) for s in rollouts} == {(0.9, ("zzz",))}
-    assert [s.seed % 100_003 for s in rollouts] == [5, 5] and rollouts[0].seed != rollouts[1].seed
+    assert [s.seed for s in rollouts] == [5, 5 + 8 * 3]  # step 1's seeds follow step 0's 8 prompts x 3 samples
     assert seen["sync_check"][0][0][1] == 1.5
     assert seen["init_distributed"][0][1]["timeout_s"] == 77 * (5 + 1 + 1)
     assert str(tiny_paths.base) in seen["load_causal_lm"]  # the reference
@@ -810,3 +819,103 @@ def test_every_algorithm_and_training_key_reaches_the_code_that_uses_it(tiny_pat
     assert policy.optimizer.param_groups[0]["weight_decay"] == 0.013 and policy.gradient_clipping() == 0.7
     metrics = read_metrics(out)
     assert [("eval/gold" in m) for m in metrics] == [True, True]  # eval_every=1
+
+
+def test_a_critic_from_the_reward_model_starts_on_the_normalised_scale(tiny_paths, tiny_sft, tiny_rm, vllm_engine,
+                                                                        tmp_path, monkeypatch):
+    """recipes/tiny/ppo.yaml initialises the critic from the RM whose `normalize: true` term scores
+    (r - mean) / std: before any update the critic's value of each state equals that normalised score of the same
+    tokens (the value before the last token is the RM's score of everything before it), not the raw RM score."""
+    import torch
+
+    import alignment.stages.ppo as stage
+    from reward.scoring import RewardModelScorer
+
+    batches = []
+    score_tokens = stage._score_tokens
+
+    def keep_first_batch(batch, *args, **kwargs):
+        score_tokens(batch, *args, **kwargs)
+        batches.append(batch)
+
+    monkeypatch.setattr(stage, "_score_tokens", keep_first_batch)
+    stage.run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path / "run", "train.steps=1", "eval=null",
+                          "train.prompts_per_step=8"), engine=vllm_engine)
+    batch = batches[0]
+    scorer = RewardModelScorer(tiny_rm.final, normalize=True)
+    last = [len(c) - 1 for c in batch.completion_ids]  # value of the state before the last sampled token
+    before_last = [p + c[:-1] for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+    expected = scorer.score_ids(before_last)
+    got = torch.stack([batch.values[i, t] for i, t in enumerate(last)])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    raw = RewardModelScorer(tiny_rm.final).score_ids(before_last)
+    assert (raw - expected).abs().min() > 0.1  # unscaled, the critic would have started elsewhere
+
+
+def test_one_nan_reward_skips_one_step_and_leaves_the_running_statistics_alone(tiny_paths, tiny_sft, tiny_rm,
+                                                                                vllm_engine, tmp_path):
+    """A reward that is NaN once (a parse failure, a timed-out judge) in a run with running reward normalisation: that
+    step is skipped before the statistics see it, and the run goes on (before, the running mean became NaN for good
+    and the run stopped after max_bad_steps)."""
+    from alignment.stages.ppo import run
+
+    flaky = tmp_path / "flaky_reward.py"
+    flaky.write_text("calls = []\n"
+                     "def reward(prompts, completions, **kw):\n"
+                     "    calls.append(1)\n"
+                     "    return [float('nan') if len(calls) == 2 else float(len(c) % 7) for c in completions]\n")
+    out = tmp_path / "run"
+    run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, out, "algorithm.advantage=grpo", "value=null", "train.steps=4",
+                    "eval=null", "train.prompts_per_step=8", "algorithm.reward_normalization=running",
+                    "output.save_steps=4", f"rewards=[{{kind: function, function: '{flaky}:reward'}}]"), engine=vllm_engine)
+    assert [m["step"] for m in read_metrics(out)] == [1, 3, 4]  # step 2 skipped, logged nowhere
+    saved = json.loads((out / "checkpoints" / "checkpoint-4" / "loop_state.json").read_text())
+    assert saved["running_reward"]["count"] == 3 * 8 * 4 and math.isfinite(saved["running_reward"]["mean"])
+    assert saved["loop"]["bad_steps"] == 0 and (out / "final").is_dir()
+
+
+def test_every_sample_of_a_run_draws_its_own_stream(tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path):
+    """Copies of one prompt in a step (the tiny recipes keep duplicates on purpose) and samples of different prompts
+    get streams of their own, in every step: with prompt i seeded seed + i, vLLM's seed + k for the k-th sample made
+    8 copies x 4 samples draw from 11 streams, so a step had at most 11 distinct answers."""
+    from alignment.stages.ppo import run
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text((tiny_paths.prompts.read_text().splitlines()[0] + "\n") * 8)
+    engine = RecordingEngine(vllm_engine)
+    run(tiny_recipe(tiny_paths, tiny_sft, tiny_rm, tmp_path / "run", f"prompts.sources.0.path={prompts}",
+                    "train.steps=2", "train.prompts_per_step=8", "eval=null"), engine=engine)
+    steps = [(cfg, samples) for cfg, samples in zip(engine.sampling, engine.samples) if cfg.n == 4]
+    seeds = [cfg.prompt_seed(i) + k for cfg, _ in steps for i in range(8) for k in range(4)]
+    assert len(steps) == 2 and len(set(seeds)) == len(seeds) == 64
+    for _, samples in steps:
+        assert len({tuple(s.completion_ids) for s in samples}) > 20, [s.text for s in samples]
+
+
+def test_a_run_that_over_optimises_is_told_and_stopped_at_the_best_gold(tiny_paths, tiny_sft, tiny_rm, vllm_engine,
+                                                                         tmp_path):
+    """A reward that is the gold metric's opposite: the reward rises and the gold falls step after step. The watch
+    reports it (ppo/overoptimization), `on_detect: stop` ends the run there with its final export, and `keep_best`
+    kept the policy of the best held-out eval/gold, which is the SFT policy's neighbourhood, not the end's."""
+    from alignment.stages.ppo import run
+
+    opposite = tmp_path / "opposite.py"
+    opposite.write_text("from alignment.tiny.task import gold_reward\n"
+                        "def reward(prompts, completions, **kw):\n"
+                        "    return [-g for g in gold_reward(prompts=prompts, completions=completions, **kw)]\n")
+    out = tmp_path / "run"
+    recipe = load_recipe(TINY_PPO.parent / "ppo_grpo.yaml", PPORecipe, [
+        *tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out, critic=False), "train.steps=16",
+        f"rewards=[{{kind: function, function: '{opposite}:reward'}}]", "algorithm.kl.coef=0.0",
+        "overoptimization.window=3", "overoptimization.on_detect=stop", "overoptimization.keep_best=true",
+        "eval_every=1", "eval.num_prompts=32", "eval.samples_per_prompt=2"])
+    run(recipe, engine=vllm_engine)
+    metrics = read_metrics(out)
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"\nreward {[round(m['ppo/reward'], 2) for m in metrics]}\ngold {[round(m['ppo/gold'], 2) for m in metrics]}")
+    assert [m["ppo/overoptimization"] for m in metrics] == [0.0] * (len(metrics) - 1) + [1.0]
+    assert len(metrics) < 16 and summary["stopped_at_step"]["step"] == metrics[-1]["step"]
+    assert (out / "final" / "model.safetensors").is_file()
+    best = max(metrics, key=lambda m: m["eval/gold"])
+    assert summary["best"]["step"] == best["step"] and summary["best"]["eval/gold"] == best["eval/gold"]
+    assert best["eval/gold"] > metrics[-1]["eval/gold"] and (out / "best" / "model.safetensors").is_file()

@@ -522,6 +522,20 @@ def test_dual_clip(ratio, advantage, loss, grad):
     assert got_grad == pytest.approx(grad, abs=1e-6)
 
 
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_a_huge_log_ratio_gives_a_finite_gradient(dual_clip):
+    """log(pi/pi_old) past 88 in float32 (a sampled token the trainer gives log-prob < -88): exp overflows, and the
+    clipped loss stays finite while its gradient was inf * 0 = NaN, which the loss check before the optimizer step
+    could not see. With the log-ratio bounded the gradient is finite (and zero: the clip removes it)."""
+    logp = torch.tensor([[100.0, -100.0, 0.1]], requires_grad=True)
+    old = torch.tensor([[-1.0, 0.0, 0.0]])
+    out = clipped_policy_loss(logp, old, torch.tensor([[1.0, -1.0, 1.0]]), torch.ones(1, 3), dual_clip=dual_clip)
+    out.loss_per_token.sum().backward()
+    assert torch.isfinite(out.loss_per_token).all() and torch.isfinite(logp.grad).all()
+    assert logp.grad[0, :2].tolist() == [0.0, 0.0]
+    assert logp.grad[0, 2] == pytest.approx(-math.exp(0.1))  # an ordinary token keeps its gradient
+
+
 def test_dual_clip_fraction_and_validation():
     logp = t64([[math.log(10.0), math.log(2.0), 0.0]])
     out = clipped_policy_loss(logp, torch.zeros(1, 3, dtype=torch.float64), t64([[-1.0, -1.0, 5.0]]),
@@ -683,3 +697,21 @@ def test_trained_models_compute_in_training_mode_without_dropout(family, dropout
     model.eval()
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first, model(ids).logits, rtol=0, atol=0)
+
+
+def test_overoptimization_is_reward_up_and_gold_down_beyond_noise():
+    """Two windows of 3 steps: the watch reports once the reward's mean rose and the gold's fell by more than twice the
+    standard error of the difference of means, and not for a gold drop within the noise or a reward that fell too."""
+    from alignment.ppo.overoptimization import OveroptimizationWatch
+
+    def run(rewards, golds):
+        watch = OveroptimizationWatch(window=3)
+        return [watch.update(r, g) for r, g in zip(rewards, golds)]
+
+    found = run([0, 0, 0, 1, 1, 1], [0.50, 0.52, 0.48, 0.30, 0.32, 0.28])
+    assert found[:5] == [None] * 5 and found[5] is not None
+    # gold means 0.50 -> 0.30, each window's variance 0.0004: standard error sqrt(0.0008 / 3) = 0.0163
+    assert found[5].gold_drop == pytest.approx(0.2) and found[5].gold_standard_error == pytest.approx(math.sqrt(0.0008 / 3))
+    assert found[5].reward_rise == pytest.approx(1.0) and "over the last 3 steps" in found[5].describe()
+    assert run([0, 0, 0, 1, 1, 1], [0.5, 0.7, 0.3, 0.45, 0.65, 0.25])[5] is None  # a 0.05 drop in noise of 0.2
+    assert run([1, 1, 1, 0, 0, 0], [0.50, 0.52, 0.48, 0.30, 0.32, 0.28])[5] is None  # the reward fell too

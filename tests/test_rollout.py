@@ -289,6 +289,24 @@ def test_the_worker_loads_only_the_trainers_weight_chunks(vllm_engine, tmp_path)
     assert canary.read_text() == "keep me" and outside_chunk.exists()
 
 
+def test_hf_engine_samples_with_the_recipes_settings_whatever_the_models_generation_config(tiny_dir, tmp_path):
+    """A model whose generation_config.json says top_p 0.8, top_k 20 and repetition_penalty 1.05 (as Qwen-Instruct's
+    do): the HF engine still samples from the full softmax at the asked temperature, so its log-probs are the
+    trainer's (transformers fills every setting left None from that file)."""
+    import json
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_dir, model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 0.8, "top_k": 20,
+                                                                  "repetition_penalty": 1.05, "temperature": 0.7}))
+    engine = make_engine("hf", model=str(model_dir))
+    samples = engine.generate(PROMPTS, SamplingConfig(temperature=1.0, max_new_tokens=12, n=4, seed=0))
+    sampler, trainer = trainer_logprobs(load_hf(model_dir), samples, temperature=1.0)
+    torch.testing.assert_close(sampler, trainer, rtol=0, atol=1e-5)
+    assert engine.model.generation_config.top_p == 0.8  # the model's own file is left as it was
+
+
 def test_hf_engine_interface(tiny_dir):
     engine = make_engine("hf", model=str(tiny_dir))
     assert isinstance(engine, RolloutEngine)

@@ -102,7 +102,9 @@ class RolloutSection:
 class KLSection:
     estimator: Literal["k1", "k2", "k3"] = option(
         "k1", help="KL estimator (Schulman): k1 = log-ratio, k2 = squared/2, k3 = (r-1) - log r. Sound pairs: k1 in the "
-        "reward and k2 in the loss give the gradient of KL(pi||ref), k3 in the loss that of KL(ref||pi); others are refused")
+        "reward gives the gradient of the sequence-level KL(pi||ref); k2 in the loss follows each token's KL(pi||ref), "
+        "k3 in the loss each token's KL(ref||pi), at the states the policy visits (exact for one-token answers only, "
+        "see alignment/ppo/kl.py); others are refused")
     placement: Literal["reward", "loss"] = option("reward", help="subtract KL from the per-token reward, or add it to the policy loss")
     coef: float = option(0.05, help="initial KL coefficient", min=0.0)
     target: float | None = option(None, help="if set, adapt the coefficient towards this KL per sequence (Ziegler et al.)", min=0.0)
@@ -131,7 +133,10 @@ class PPOAlgorithmSection:
     reward_clip: float | None = option(10.0, help="clip the (normalised) score to [-c, c]", min=0.0)
     truncation_penalty: float | None = option(
         None, help="subtracted from the (normalised, before clipping) score of answers cut at max_new_tokens (no EOS)", min=0.0)
-    tis_cap: float | None = option(2.0, help="truncated importance-sampling cap for the sampler/trainer mismatch (None: off)", min=1.0)
+    tis_cap: float | None = option(
+        2.0, help="truncated importance-sampling cap: each token weighted min(pi_old / pi_sampler, cap), for the "
+        "sampler/trainer mismatch and, with async_generation, the one-update-old sampler; per token, it corrects the "
+        "action distribution, not the states the older policy led to (None: off)", min=1.0)
     kl: KLSection = option(KLSection(), help="KL leash to the reference policy")
 
 
@@ -149,6 +154,18 @@ class PPOTrainSection:
     gradient_checkpointing: bool = option(
         False, help="recompute the policy's and critic's activations in backward: less memory, about a third more "
         "compute, the same loss")
+
+
+@recipe
+class OveroptimizationSection:
+    """With a gold_metric: watch for the reward rising while gold falls (alignment.ppo.overoptimization)."""
+
+    window: int = option(10, help="steps in each of the two windows whose means are compared", min=2)
+    on_detect: Literal["warn", "stop"] = option(
+        "warn", help="warn: a warning when it begins, and ppo/overoptimization = 1 in the metrics while it holds; "
+        "stop: end training at that step (checkpoint and final export as at the last step)")
+    keep_best: bool = option(False, help="export the policy to <output.dir>/best whenever eval/gold beats every earlier "
+                             "evaluation (needs the eval section)")
 
 
 @recipe
@@ -171,6 +188,8 @@ class PPORecipe:
     train: PPOTrainSection = required(help="optimisation")
     output: OutputSection = required(help="outputs")
     gold_metric: str | None = option(None, help="rule function logged every step as ppo/gold (not optimised)")
+    overoptimization: OveroptimizationSection = option(
+        OveroptimizationSection(), help="with gold_metric: reward rising while gold falls, warned about or stopped at")
     eval: GoldEvalSection | None = option(None, help="periodic greedy evaluation on held-out prompts")
     eval_every: int = option(10, help="evaluate every N steps (and at the end)", min=1)
 
@@ -221,10 +240,15 @@ class PPORecipe:
         sampling = self.rollout.sampling
         truncation = "vLLM samples from, and reports log-probs of, the truncated renormalised distribution while the " \
                      "trainer's log-probs (PPO ratio, importance weights, ppo/logprob_mismatch) use the full softmax"
+        if sampling.temperature == 0:
+            errors.append("rollout.sampling.temperature: PPO needs sampled answers; at 0 (greedy) every answer to a "
+                          "prompt is the same, group advantages are all zero and the policy learns nothing (use 1.0)")
         if sampling.top_p < 1.0:
             errors.append(f"rollout.sampling.top_p: PPO rollouts need 1.0, got {sampling.top_p}: {truncation}")
         if sampling.top_k > 0:
             errors.append(f"rollout.sampling.top_k: PPO rollouts need -1 (off), got {sampling.top_k}: {truncation}")
         if not self.rewards:
             errors.append("rewards: give at least one reward term")
+        if self.overoptimization.keep_best and self.eval is None:
+            errors.append("overoptimization.keep_best: needs the eval section (the best policy is the best eval/gold)")
         return errors

@@ -105,7 +105,8 @@ class SamplingSection:
     top_k: int = option(-1, help="top-k sampling (-1: off)", min=-1)
     max_new_tokens: int = option(32, help="completion budget; longer answers are truncated (and counted)", min=1)
     stop: list[str] = option([], help="extra stop strings (EOS always stops)")
-    seed: int = option(0, help="sampling seed: prompt i uses seed + i (PPO offsets it every step)")
+    seed: int = option(0, help="sampling seed: sample k of prompt i uses seed + i * samples_per_prompt + k (PPO "
+                       "continues the count from step to step: no two samples of a run share a stream)")
 
     def to_config(self, seed_offset: int = 0):
         from rollout import SamplingConfig

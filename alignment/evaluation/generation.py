@@ -6,7 +6,7 @@ One engine, many policies: the first policy starts the engine; every later polic
 architecture is swapped in by weight sync (`rollout.sync_weights`), which costs a fraction of a second
 for small models where a fresh vLLM engine costs 40-60 s on CPU. A policy with another architecture
 gets a fresh engine. With `engine: hf` each policy generates with `transformers` in this process.
-The sampling parameters and seeds are identical for every policy (prompt i uses seed `seed + i`).
+The sampling parameters and seeds are identical for every policy (`SamplingConfig.prompt_seed`).
 """
 
 from __future__ import annotations

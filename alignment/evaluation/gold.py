@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from alignment.config.sections import DataSection, DataSource, GoldEvalSection
+from rollout.hf_engine import our_sampling_only
 
 
 @dataclass
@@ -68,7 +69,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
         kwargs = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), our_sampling_only(model):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             ids = model.generate(
                 input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, pad_token_id=pad_id,

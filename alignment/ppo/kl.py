@@ -9,15 +9,20 @@ expectation under pi equal to (or near) KL(pi || pi_ref):
 All take and return [B, T] and are differentiable.
 
 An unbiased value does not make an unbiased *gradient* (Tang & Munos 2025, "On a few pitfalls in KL
-divergence gradient estimation for RL"). On-policy, with g = grad log pi(x):
+divergence gradient estimation for RL"). On-policy, with g = grad log pi(x), for one token x:
   in the reward (a detached penalty, gradient through the score function):  E_pi[k(x) g]
       k1: E_pi[log(pi/ref) g] = grad KL(pi || ref)                      exact
       k2, k3: no divergence's gradient                                  biased
   in the loss (differentiated through log pi):                             E_pi[grad k(x)]
       k1: E_pi[g] = 0                                                   the leash vanishes
-      k2: E_pi[log(pi/ref) g] = grad KL(pi || ref)                      exact
-      k3: E_pi[(1 - ref/pi) g] = -sum_x ref(x) g = grad KL(ref || pi)   exact, for the reverse KL (GRPO's choice)
-`KL_PLACEMENTS` lists the pairs a recipe may use and the divergence each one's gradient follows; the
+      k2: E_pi[log(pi/ref) g] = grad KL(pi || ref)                      per token
+      k3: E_pi[(1 - ref/pi) g] = -sum_x ref(x) g = grad KL(ref || pi)   per token, reverse KL (GRPO's choice)
+Over a whole answer only k1 in the reward is exact: it enters the returns, so each token's KL also moves the earlier
+tokens that led to it, which is the gradient of the sequence-level KL(pi || ref). k2 and k3 in the loss sum the
+gradient of each token's KL at the states the policy visits and ignore how a token changes the states after it:
+exact for one-token answers, an approximation otherwise (relative error 0.28-0.44 against the sequence-level
+gradient, measured by enumeration for answers of 2 to 6 tokens). They remain a leash, not that gradient.
+`KL_PLACEMENTS` lists the pairs a recipe may use and the divergence each one's per-token gradient follows; the
 others are refused at recipe-check time (`validate_kl`).
 """
 

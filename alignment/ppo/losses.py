@@ -12,6 +12,9 @@ import torch
 from alignment.ppo.masking import masked_mean, masked_var
 
 
+LOG_RATIO_BOUND = 20.0
+
+
 @dataclass
 class PolicyLossOutput:
     loss_per_token: torch.Tensor  # [B, T], differentiable; 0 at padding
@@ -46,7 +49,7 @@ def clipped_policy_loss(
 ) -> PolicyLossOutput:
     """Clipped surrogate of PPO (Schulman et al. 2017, eq. 7), as a loss to minimise, per token.
 
-        rho_t = pi_theta(x_t) / pi_old(x_t) = exp(logp - old_logp)
+        rho_t = pi_theta(x_t) / pi_old(x_t) = exp(clamp(logp - old_logp, -20, 20))
         L_t   = max(-A_t * rho_t, -A_t * clip(rho_t, 1 - eps_low, 1 + eps_high))
     Separate eps_low / eps_high: DAPO's "clip-higher" (Yu et al. 2025) raises eps_high only.
     Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5), c > 1:
@@ -61,7 +64,10 @@ def clipped_policy_loss(
     advantages = advantages.detach()
     old_logp = old_logp.detach()
 
-    log_ratio = logp - old_logp
+    # Bounded as veRL does: past |log rho| = 88 (float32) exp overflows, and although the clipped loss stays finite
+    # its gradient is inf * 0 = NaN (a sampled token the trainer gives log-prob < -88 is enough). exp(20) is far past
+    # any clip range, so the bound changes nothing else.
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)

@@ -68,8 +68,9 @@ from alignment.ppo import (
     truncated_is_weights,
 )
 from alignment.ppo.batch import RolloutBatch
-from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
+from alignment.ppo.forward import TokenValueModel, critic_forward, critic_output_affine, policy_forward
 from alignment.run_lock import claim_output_dir, unlock_output_dir
+from alignment.stages.gold_watch import GoldWatch
 from alignment.stages.rollout_schedule import RolloutSchedule
 from alignment.stages.sync_check import SyncCheck
 from alignment.training import (
@@ -152,7 +153,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
         plan = memory_plan.announce("ppo", recipe, prompt_tokens=max(len(ids) for ids in prompt_ids))
     with zero3_init(zero, DTYPES[recipe.policy.dtype]):  # models built sharded when the config asks (zero3_init_flag)
         policy_model = _policy_model(recipe, zero)
-        value_model = TokenValueModel(load_value_model(recipe.value)) if estimator.needs_critic else None
+        value_model = (TokenValueModel(load_value_model(recipe.value), *critic_output_affine(recipe))
+                       if estimator.needs_critic else None)
         reference_model = load_causal_lm(recipe.reference or recipe.policy)
         # The RM is sharded like the reference under ZeRO-3, in the policy's dtype unless its term says otherwise, and
         # scores micro-batches as the other models do (32 whole sequences at once took 6.8 GiB at 7B).
@@ -178,7 +180,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
     kl_ctl = AdaptiveKLController(algo.kl.coef, algo.kl.target, algo.kl.horizon) if algo.kl.target is not None else FixedKLController(algo.kl.coef)
     kl_fn = KL_ESTIMATORS[algo.kl.estimator]
     running_reward = RunningMoments() if algo.reward_normalization == "running" else None
-    temperature = sampling_cfg.temperature or 1.0  # greedy sampling scores tokens at T = 1
+    gold_watch = GoldWatch(recipe.overoptimization, rank) if gold is not None else None
+    temperature = sampling_cfg.temperature  # the trainer scores tokens at the temperature they were sampled at
 
     # ---- resume, rollout engine, outputs
     state = LoopState()
@@ -187,7 +190,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
     # Rank 0 decides: a rank that looked on its own disk could pick another checkpoint (or none) and hang the others.
     latest = broadcast_from_main(ckpt.latest_checkpoint(out / "checkpoints") if recipe.output.resume and rank == 0 else None)
     if latest is not None:
-        state = _load_checkpoint(latest, policy, critic, kl_ctl, running_reward, rank)
+        state = _load_checkpoint(latest, policy, critic, kl_ctl, running_reward, gold_watch, rank)
     owns_engine = engine is None
     if rank == 0 and engine is None:
         engine = launched.wait_until_ready(recipe.rollout.timeout_s) if launched else _make_rollout_engine(recipe)
@@ -210,6 +213,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
                            console_namespace="ppo/")
     progress = tqdm(total=train.steps, initial=state.step, desc="ppo", disable=rank != 0)
     last_metrics: dict[str, float] = {}
+    stopped_at = None  # the step at which overoptimization.on_detect: stop ended training
     warned_trim = False
     rollouts = RolloutSchedule(engine, prompt_ids, sampling_cfg, ahead=recipe.rollout.async_generation) if rank == 0 else None
 
@@ -242,6 +246,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
         columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
         local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
         raw, parts = reward(local_prompts, texts, columns)
+        if any_rank(not finite(raw)):  # before anything learns from it (the running statistics included)
+            _skip_step(state, progress, train.max_bad_steps, rank, "NaN/inf rewards")
+            continue
         if any(reward.trimmed.values()) and not warned_trim:
             warned_trim = True
             print(f"warning: rank {rank}, step {step}: {sum(reward.trimmed.values())} rollout(s) exceed the reward model's "
@@ -262,9 +269,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         batch.advantages, batch.returns = estimator.compute(batch.scores, kl_tokens, mask, batch.values, params)
         healthy = finite(batch.scores, batch.advantages, batch.old_logp, batch.ref_logp)
         if any_rank(not healthy):
-            _count_bad_step(state, train.max_bad_steps, rank, "NaN/inf in rewards or advantages; step skipped")
-            state.step += 1
-            progress.update(1)
+            _skip_step(state, progress, train.max_bad_steps, rank, "NaN/inf in scores, log-probs or advantages")
             continue
 
         # ---- 4. PPO epochs over minibatches (one optimizer step each), micro-batched
@@ -330,22 +335,37 @@ def run(recipe: PPORecipe, engine=None) -> None:
                             "sync/tensors": float(sync_stats.tensors)})
 
         state.step += 1
-        if recipe.eval is not None and (state.step % recipe.eval_every == 0 or state.step == train.steps):
+        evaluate = recipe.eval is not None and (state.step % recipe.eval_every == 0 or state.step == train.steps)
+        if evaluate:
             metrics.update(_evaluate(recipe, engine, tokenizer) if rank == 0 else {})
+        stop = gold_watch.after_step(state.step, metrics) if gold_watch is not None else False
+        if stop:
+            stopped_at = state.step
         logger.log(state.step, metrics)
         last_metrics = metrics
         progress.update(1)
-        if state.step % recipe.output.save_steps == 0 or state.step == train.steps:
-            _save_checkpoint(out / "checkpoints", state, policy, critic, kl_ctl, running_reward, tokenizer, rank,
-                             recipe.output.save_total_limit)
+        if evaluate and recipe.overoptimization.keep_best and gold_watch.new_best(state.step, metrics):
+            _publish_policy(policy, tokenizer, out / "best", rank)
+        if stop or state.step % recipe.output.save_steps == 0 or state.step == train.steps:
+            _save_checkpoint(out / "checkpoints", state, policy, critic, kl_ctl, running_reward, gold_watch, tokenizer,
+                             rank, recipe.output.save_total_limit)
+        if stop:
+            break
 
     progress.close()
     if rollouts is not None:
         rollouts.close()
-    _export_final(policy, tokenizer, out, rank, {
-        "steps": train.steps, "final_metrics": last_metrics,
-        "memory_gib": {"planned_per_rank": plan.per_rank / memory_plan.GiB if plan else None,
-                       "peak_rank0": memory_plan.peak_bytes() / memory_plan.GiB}})
+    _publish_policy(policy, tokenizer, out / "final", rank)
+    if rank == 0:
+        summary = {"steps": state.step, "final_metrics": last_metrics,
+                   "memory_gib": {"planned_per_rank": plan.per_rank / memory_plan.GiB if plan else None,
+                                  "peak_rank0": memory_plan.peak_bytes() / memory_plan.GiB}}
+        if stopped_at is not None:
+            summary["stopped_at_step"] = {"step": stopped_at, "reason": "overoptimization (reward up, gold down)"}
+        if gold_watch is not None and gold_watch.best_step is not None:
+            summary["best"] = {"step": gold_watch.best_step, "eval/gold": gold_watch.best_gold, "dir": str(out / "best")}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    barrier()
     logger.close()
     unlock_output_dir(out)
     if rank == 0 and owns_engine:
@@ -363,6 +383,13 @@ def _policy_model(recipe: PPORecipe, zero: ZeroSettings) -> torch.nn.Module:
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(recipe.policy.lora, "CAUSAL_LM"))
+
+
+def _skip_step(state: LoopState, progress, max_bad_steps: int, rank: int, what: str) -> None:
+    """Leave this step out (no update, no sync): count it as bad and move on to the next."""
+    _count_bad_step(state, max_bad_steps, rank, f"{what}; step skipped")
+    state.step += 1
+    progress.update(1)
 
 
 def _count_bad_step(state: LoopState, max_bad_steps: int, rank: int, what: str) -> None:
@@ -545,8 +572,8 @@ def _evaluate(recipe: PPORecipe, engine, tokenizer) -> dict[str, float]:
     return {"eval/gold": float(np.mean(scores))}
 
 
-def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, running_reward, tokenizer, rank: int,
-                     keep_last: int) -> None:
+def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, running_reward, gold_watch, tokenizer,
+                     rank: int, keep_last: int) -> None:
     """Every rank writes its DeepSpeed shards into a staging directory; rank 0 publishes it by rename.
 
     Besides the DeepSpeed states needed to resume, `policy_hf/` holds the policy in HF format, so the
@@ -564,7 +591,8 @@ def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, runni
     torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}, staging / f"rng-rank{rank}.pt")
     if rank == 0:
         saved = {"loop": asdict(state), "kl_controller": kl_ctl.state_dict(),
-                 "running_reward": running_reward.state_dict() if running_reward is not None else None}
+                 "running_reward": running_reward.state_dict() if running_reward is not None else None,
+                 "gold_watch": gold_watch.state_dict() if gold_watch is not None else None}
         (staging / "loop_state.json").write_text(json.dumps(saved))
     barrier()
     if rank == 0:
@@ -573,7 +601,7 @@ def _save_checkpoint(root: Path, state: LoopState, policy, critic, kl_ctl, runni
     barrier()
 
 
-def _load_checkpoint(path: Path, policy, critic, kl_ctl, running_reward, rank: int) -> LoopState:
+def _load_checkpoint(path: Path, policy, critic, kl_ctl, running_reward, gold_watch, rank: int) -> LoopState:
     policy.load_checkpoint(str(path / "policy"), tag="ds")
     if critic is not None:
         critic.load_checkpoint(str(path / "critic"), tag="ds")
@@ -581,6 +609,8 @@ def _load_checkpoint(path: Path, policy, critic, kl_ctl, running_reward, rank: i
     kl_ctl.load_state_dict(saved["kl_controller"])
     if running_reward is not None and saved.get("running_reward"):
         running_reward.load_state_dict(saved["running_reward"])
+    if gold_watch is not None and saved.get("gold_watch"):
+        gold_watch.load_state_dict(saved["gold_watch"])
     rng = torch.load(path / f"rng-rank{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -601,13 +631,13 @@ def _write_hf_policy(policy, tokenizer, target: Path, rank: int) -> None:
         tokenizer.save_pretrained(target)
 
 
-def _export_final(policy, tokenizer, out: Path, rank: int, summary: dict) -> None:
-    """`<out>/final` (the policy, published by rename) and `<out>/summary.json`."""
-    staging = out / ".tmp-final"
+def _publish_policy(policy, tokenizer, target: Path, rank: int) -> None:
+    """The policy in HF format at `target` (`final`, `best`), written beside it and published by rename (every rank
+    takes part in the gathers)."""
+    staging = target.with_name(f".tmp-{target.name}")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
     _write_hf_policy(policy, tokenizer, staging, rank)
     if rank == 0:
-        ckpt.publish(staging, out / "final")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        ckpt.publish(staging, target)
     barrier()

@@ -30,17 +30,18 @@ class StepRollouts:
 class RolloutSchedule:
     """Hands the loop each step's rollouts; with `ahead`, generates the next step's in the background."""
 
-    def __init__(self, engine, prompt_ids: list[list[int]], sampling: SamplingSection, *, ahead: bool, seed_stride: int = 100_003):
+    def __init__(self, engine, prompt_ids: list[list[int]], sampling: SamplingSection, *, ahead: bool):
         self.engine = engine
         self.prompt_ids = prompt_ids
         self.sampling = sampling
-        self.seed_stride = seed_stride
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if ahead else None
         self._pending: tuple[int, list[int], Future] | None = None
 
-    def sampling_for(self, step: int) -> SamplingConfig:
-        # A seed per step (prompt i of the step uses seed + i): a resumed run samples what the original would have.
-        return self.sampling.to_config(seed_offset=step * self.seed_stride)
+    def sampling_for(self, step: int, prompts: int) -> SamplingConfig:
+        """Step `step`'s sampling for a step of `prompts` prompts: its seeds follow the last step's, so every sample of
+        the run draws a stream of its own (`SamplingConfig.prompt_seed`) and a resumed run samples what the original
+        would have."""
+        return self.sampling.to_config(seed_offset=step * prompts * self.sampling.samples_per_prompt)
 
     def get(self, step: int, rows: list[int]) -> StepRollouts:
         """Rollouts of `step` for the prompt rows `rows`: the prefetched ones if they are these, else generated now."""
@@ -75,5 +76,5 @@ class RolloutSchedule:
 
     def _generate(self, step: int, rows: list[int]) -> StepRollouts:
         start = time.perf_counter()
-        samples = self.engine.generate([self.prompt_ids[r] for r in rows], self.sampling_for(step))
+        samples = self.engine.generate([self.prompt_ids[r] for r in rows], self.sampling_for(step, len(rows)))
         return StepRollouts(samples, time.perf_counter() - start)
