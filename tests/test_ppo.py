@@ -364,7 +364,8 @@ def test_lora_policy_syncs_merged_weights_and_exports_plain_hf(tiny_paths, tiny_
                          "policy.lora.r=8", "policy.lora.alpha=16")
     run(recipe, engine=vllm_engine)
     metrics = read_metrics(out)
-    assert metrics[-1]["ppo/kl"] > 0, "the adapters must have changed the policy"
+    # k1 is exactly 0 while the policy is the reference (LoRA's B starts at 0); an estimate, it may go below 0 after
+    assert abs(metrics[-1]["ppo/kl"]) > 1e-6, "the adapters must have changed the policy"
     assert all(m["ppo/logprob_mismatch"] < 1.02 for m in metrics), [m["ppo/logprob_mismatch"] for m in metrics]
     assert not (out / "final" / "adapter_config.json").exists()
     exported = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
