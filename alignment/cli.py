@@ -27,6 +27,8 @@ STAGES: dict[str, Stage] = {
     "sft": Stage("supervised fine-tuning on demonstrations", "alignment.config.sft:SFTRecipe", "alignment.stages.sft:run"),
     "rm": Stage("train a reward model on preference pairs", "alignment.config.rm:RMRecipe", "alignment.stages.rm:run"),
     "ppo": Stage("PPO against a reward, with vLLM rollouts", "alignment.config.ppo:PPORecipe", "alignment.stages.ppo:run"),
+    "dpo": Stage("direct preference optimisation on preference pairs (DPO, IPO, ...)", "alignment.config.dpo:DPORecipe",
+                 "alignment.stages.dpo:run"),
     "eval": Stage("compare policies on held-out prompts", "alignment.config.eval:EvalRecipe", "alignment.stages.eval:run"),
 }
 
@@ -130,7 +132,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 # Recipe section holding each stage's data, and the kind it is read as (alignment.data.load_stage_data).
-DATA_KINDS = {"sft": ("data", "sft"), "rm": ("data", "preference"), "ppo": ("prompts", "prompt")}
+DATA_KINDS = {"sft": ("data", "sft"), "rm": ("data", "preference"), "dpo": ("data", "preference"), "ppo": ("prompts", "prompt")}
 
 
 def _memory_launch(accelerate_config: str | None, gpu_gib: float | None):

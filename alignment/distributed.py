@@ -86,6 +86,18 @@ def gather_objects(obj) -> list:
     return gathered
 
 
+def map_shares(items: list, fn) -> list:
+    """`fn` over `items` with every rank taking a share (rank r: items r, r + W, ..., so that lengths spread evenly),
+    the results gathered back in order on every rank. `fn` maps a list to a list of the same length; no rank waits for
+    another to do all the work."""
+    world, this = world_size(), rank()
+    shares = gather_objects(list(fn(items[this::world])))
+    results = [None] * len(items)
+    for r, share in enumerate(shares):
+        results[r::world] = share
+    return results
+
+
 def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     """Element-wise sum of `t` over every rank, on t's device; nothing is sent in a world of one."""
     if world_size() == 1:

@@ -460,23 +460,25 @@ def _weight_sync_lines(recipe, launch: Launch, policy: ModelShape, engine_dtype:
 
 
 def plan_single_model(stage: str, recipe, launch: Launch, resolve=lambda path: path) -> MemoryPlan:
-    """SFT (a causal LM with its logits) or RM (a 1-output head; chosen and rejected in one batch)."""
+    """SFT (a causal LM with its logits), RM (a 1-output head; chosen and rejected in one batch) or DPO (a causal LM
+    with its logits, chosen and rejected in one batch; the reference's log-probs are computed before training)."""
     train, model = recipe.train, recipe.model
-    rows = train.per_device_batch_size * (2 if stage == "rm" else 1)
+    rows = train.per_device_batch_size * (1 if stage == "sft" else 2)
     tokens = rows * train.max_length
     plan = MemoryPlan(f"{stage.upper()}, micro-batch {rows} x {train.max_length} tokens"
                       + (", gradient checkpointing" if train.gradient_checkpointing else ""), launch)
+    causal_lm = stage in ("sft", "dpo")
     try:
-        shape = model_shape(resolve(model.name_or_path), "lm" if stage == "sft" else "value", model.trust_remote_code)
+        shape = model_shape(resolve(model.name_or_path), "lm" if causal_lm else "value", model.trust_remote_code)
     except (OSError, ValueError) as exc:
         plan.skipped.append(f"model '{model.name_or_path}': {str(exc).splitlines()[0][:160]}")
         return plan
     lora = model.lora.r if model.lora else None
     plan.lines += trained_model("model", shape, model.dtype, launch, lora)
     plan.lines.append(runtime_line(launch))
-    plan.lines.append(PlanLine("activations" + (" + logits" if stage == "sft" else ""),
+    plan.lines.append(PlanLine("activations" + (" + logits" if causal_lm else ""),
                                activation_bytes(shape, tokens, model.dtype, train.gradient_checkpointing,
-                                                tokens if stage == "sft" else 0),
+                                                tokens if causal_lm else 0),
                                phase="train", note=f"{tokens} tokens per micro-batch (at max_length)"))
     plan.lines += zero3_gathered_lines([shape], model.dtype, launch, "train", trained=shape)
     temporaries = optimizer_step_temporaries(shape, launch, lora)
@@ -491,7 +493,7 @@ def plan_recipe(stage: str, recipe, launch: Launch, recipe_path: str | None = No
     resolve = _sibling_resolver(recipe_path)
     if stage == "ppo":
         return plan_ppo(recipe, launch, prompt_tokens if prompt_tokens is not None else recipe.rollout.max_model_len, resolve)
-    if stage in ("sft", "rm"):
+    if stage in ("sft", "rm", "dpo"):
         return plan_single_model(stage, recipe, launch, resolve)
     return None
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: the whole RLHF pipeline on the built-in tiny default, on CPU, in minutes.
-#   tiny assets -> SFT -> reward model -> PPO (vLLM rollouts, DeepSpeed training) -> evaluation report
+#   tiny assets -> SFT -> reward model -> PPO (vLLM rollouts, DeepSpeed training), and DPO -> evaluation report
 # Each stage is the same command a user runs on real models; only the recipe and accelerate config change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +16,6 @@ alignment tiny --out outputs/tiny
 "${LAUNCH[@]}" -m alignment sft recipes/tiny/sft.yaml
 "${LAUNCH[@]}" -m alignment rm recipes/tiny/rm.yaml
 "${LAUNCH[@]}" -m alignment ppo recipes/tiny/ppo.yaml
+"${LAUNCH[@]}" -m alignment dpo recipes/tiny/dpo.yaml   # the offline road from the same preference pairs
 "${LAUNCH[@]}" -m alignment eval recipes/tiny/eval.yaml
 echo "report: outputs/tiny/eval/report.md"

@@ -129,6 +129,20 @@ def tiny_rm(tiny_paths, tiny_sft, tmp_path_factory):
     return _stage_result(out, proc)
 
 
+def tiny_dpo_overrides(tiny, sft, out_dir: Path) -> list[str]:
+    """Point recipes/tiny/dpo.yaml at a tiny build, an SFT run and an output dir."""
+    return [f"model.name_or_path={sft.final}", f"data.sources.0.path={tiny.preferences}",
+            f"gold_eval.prompts={tiny.eval_prompts}", f"output.dir={out_dir}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dpo(tiny_paths, tiny_sft, tmp_path_factory):
+    """The tiny SFT policy after DPO on the RM stage's preference pairs (recipes/tiny/dpo.yaml through the real CLI)."""
+    out = tmp_path_factory.mktemp("tiny_dpo") / "run"
+    proc = run_stage("dpo", REPO / "recipes/tiny/dpo.yaml", tiny_dpo_overrides(tiny_paths, tiny_sft, out))
+    return _stage_result(out, proc)
+
+
 def tiny_ppo_overrides(tiny, sft, rm, out_dir: Path, critic: bool = True) -> list[str]:
     """Point recipes/tiny/ppo.yaml (or ppo_grpo.yaml, critic=False) at a tiny build, SFT/RM runs and an output dir."""
     overrides = [f"policy.name_or_path={sft.final}", f"rewards.0.path={rm.final}", f"prompts.sources.0.path={tiny.prompts}",

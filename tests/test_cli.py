@@ -147,9 +147,9 @@ def test_validate_only_and_validate(capsys, setup):
 
 def test_validate_rejects_unknown_stage(capsys, setup):
     tmp_path, _, _ = setup
-    path = write_yaml(tmp_path / "r.yaml", {"stage": "dpo"})
+    path = write_yaml(tmp_path / "r.yaml", {"stage": "orpo"})
     code, err, _ = run_cli(capsys, "validate", path)
-    assert_one_error(code, err, "key 'stage' must name a stage", "'dpo'")
+    assert_one_error(code, err, "key 'stage' must name a stage", "'orpo'")
 
 
 def test_no_recipe_given(capsys):

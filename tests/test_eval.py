@@ -168,24 +168,29 @@ def test_vllm_engine_swaps_policies_by_weight_sync(tiny_paths, noisy_policy, vll
 
 
 @pytest.mark.e2e
-def test_report_on_the_tiny_pipeline_ppo_wins_on_gold(tiny_paths, tiny_sft, tiny_rm, tiny_ppo, vllm_engine, tmp_path):
-    """recipes/tiny/eval.yaml on the untrained, SFT and PPO policies of this test run: PPO wins on the gold metric."""
+def test_report_on_the_tiny_pipeline_ppo_wins_on_gold(tiny_paths, tiny_sft, tiny_rm, tiny_ppo, tiny_dpo, vllm_engine,
+                                                      tmp_path):
+    """recipes/tiny/eval.yaml on the untrained, SFT, PPO and DPO policies of this test run: both roads beat SFT on the
+    gold metric with win rates whose whole interval lies above a coin flip, side by side in one report."""
     from alignment.config.eval import EvalRecipe
     from alignment.config.schema import load_recipe
     from alignment.stages.eval import run
 
     out = tmp_path / "report"
     policies = (f"policies=[{{path: {tiny_paths.base}, name: base}}, {{path: {tiny_sft.final}, name: sft}}, "
-                f"{{path: {tiny_ppo.final}, name: ppo}}]")
+                f"{{path: {tiny_ppo.final}, name: ppo}}, {{path: {tiny_dpo.final}, name: dpo}}]")
     recipe = load_recipe(ROOT / "recipes" / "tiny" / "eval.yaml", EvalRecipe, [
         policies, f"prompts.path={tiny_paths.eval_prompts}", f"scorers=[{{kind: model, name: rm, path: {tiny_rm.final}}}]",
         f"output_dir={out}"])
     run(recipe, engine=vllm_engine)
     results = json.loads((out / "results.json").read_text())
-    gold = {name: results["per_policy"][name]["scores"]["gold"]["value"] for name in ("base", "sft", "ppo")}
-    print("gold by policy:", gold)
-    assert gold["ppo"] > gold["sft"] > gold["base"], gold
-    (ppo_vs_sft,) = [w for w in results["win_rates"]["gold"] if {w["a"], w["b"]} == {"sft", "ppo"}]
-    win = ppo_vs_sft["low"] if ppo_vs_sft["a"] == "ppo" else 1 - ppo_vs_sft["high"]
-    assert win > 0.5, ppo_vs_sft  # the whole 95% interval of PPO's win rate over SFT lies above a coin flip
+    gold = {name: results["per_policy"][name]["scores"]["gold"]["value"] for name in ("base", "sft", "ppo", "dpo")}
+    kl = {name: results["per_policy"][name]["kl"]["value"] for name in ("ppo", "dpo")}
+    print("gold by policy:", gold, "KL to SFT:", kl)
+    assert min(gold["ppo"], gold["dpo"]) > gold["sft"] > gold["base"], gold
+    for road in ("ppo", "dpo"):
+        (vs_sft,) = [w for w in results["win_rates"]["gold"] if {w["a"], w["b"]} == {"sft", road}]
+        win = vs_sft["low"] if vs_sft["a"] == road else 1 - vs_sft["high"]
+        assert win > 0.5, vs_sft  # the whole 95% interval of the win rate over SFT lies above a coin flip
+    assert "| dpo |" in (out / "report.md").read_text()
     assert all((out / "plots").glob("*.png")) and (out / "report.html").is_file()

@@ -214,7 +214,8 @@ def test_export_auto_import_through_the_cli(tiny_paths, tmp_path):
 
 @pytest.mark.e2e
 def test_round_trip_trains_a_reward_model_above_chance(tiny_paths, tmp_path):
-    """SFT briefly -> export pairs -> label with the gold rule -> import -> `alignment rm` -> held-out accuracy."""
+    """SFT briefly -> export pairs -> label with the gold rule -> import -> `alignment rm` -> held-out accuracy, and
+    the same pairs straight into `alignment dpo`, whose implicit reward ranks held-out pairs too."""
     sft = tmp_path / "sft"
     assert main(["sft", str(RECIPES / "sft.yaml"), f"model.name_or_path={tiny_paths.base}", f"data.sources.0.path={tiny_paths.sft}",
                  f"output.dir={sft}", "train.max_steps=150", "gold_eval=null", "data.eval_fraction=0.0"]) == 0
@@ -232,6 +233,12 @@ def test_round_trip_trains_a_reward_model_above_chance(tiny_paths, tmp_path):
                  f"output.dir={rm}", "gold_agreement=null", "train.num_epochs=8", "train.per_device_batch_size=16"]) == 0
     summary = json.loads((rm / "summary.json").read_text())
     assert summary["eval"]["accuracy"] > 0.75, summary["eval"]
+    dpo = tmp_path / "dpo"
+    assert main(["dpo", str(RECIPES / "dpo.yaml"), f"model.name_or_path={sft / 'final'}", f"data.sources.0.path={prefs}",
+                 "data.eval_fraction=0.2", f"output.dir={dpo}", "gold_eval=null", "train.num_epochs=8",
+                 "train.per_device_batch_size=16"]) == 0
+    summary = json.loads((dpo / "summary.json").read_text())
+    assert summary["eval"]["accuracy"] > 0.65, summary["eval"]
 
 
 def test_a_judge_labeler_refuses_a_prompt_limit_it_would_ignore(tmp_path):

@@ -144,7 +144,7 @@ def test_rm_overlong_pairs_counted_then_dropped_or_truncated(tiny_paths):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from alignment.stages.rm import tokenize_pairs
+    from alignment.data.pairs import tokenize_pairs
     from reward.scoring import encode
 
     tok = AutoTokenizer.from_pretrained(str(tiny_paths.base))
@@ -155,11 +155,11 @@ def test_rm_overlong_pairs_counted_then_dropped_or_truncated(tiny_paths):
     expected = sum(n > limit for n in lengths)
     assert 0 < expected < len(rows)
 
-    dropped, counts = tokenize_pairs(data, tok, limit, "drop", use_margin=True)
+    dropped, counts = tokenize_pairs(data, tok, limit, "drop", keep_columns=("margin",))
     assert counts["overlong"] == counts["dropped"] == expected and len(dropped) == len(rows) - expected
     assert max(max(len(c), len(r)) for c, r in zip(dropped["chosen_ids"], dropped["rejected_ids"])) <= limit
 
-    truncated, counts = tokenize_pairs(data, tok, limit, "truncate", use_margin=True)
+    truncated, counts = tokenize_pairs(data, tok, limit, "truncate", keep_columns=("margin",))
     assert counts["overlong"] == counts["truncated"] == expected
     assert len(truncated) == len(rows) - counts["identical_after_truncation"]
     assert max(max(len(c), len(r)) for c, r in zip(truncated["chosen_ids"], truncated["rejected_ids"])) <= limit

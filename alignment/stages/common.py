@@ -387,6 +387,42 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(item, target)
 
 
+def gold_before(section, model: ModelSection, stage: str, resume, summary: dict, logger: MetricsLogger) -> None:
+    """The gold metric of the starting policy (fresh runs only), into `summary["gold_before"]` and the metrics at step
+    0 (rank 0, a plain single-process model; the others wait)."""
+    from alignment.evaluation.gold import gold_eval_path
+
+    if section is None or resume is not None:
+        return
+    if distributed.is_main():
+        before = gold_eval_path(model.name_or_path, section, models.DTYPES[model.dtype])
+        summary["gold_before"] = before.mean
+        logger.log(0, {"gold/mean": before.mean})
+        print(f"gold metric before {stage}: {before.mean:.4f} on {len(before.scores)} prompts", flush=True)
+    distributed.barrier()
+
+
+def gold_after(section, layout: RunLayout, model: ModelSection, merged: bool, tokenizer, step: int, summary: dict,
+               logger: MetricsLogger) -> None:
+    """The gold metric of the exported policy (base + adapter merged in memory when `final` holds an adapter), into
+    `summary["gold_after"]` with a few examples (rank 0)."""
+    from transformers import AutoModelForCausalLM
+
+    from alignment.evaluation.gold import gold_eval, gold_eval_path
+
+    if section is not None and distributed.is_main():
+        if model.lora is None or merged:
+            after = gold_eval_path(layout.final, section, models.DTYPES[model.dtype])
+        else:
+            after = gold_eval(merge_adapter(layout.adapter, AutoModelForCausalLM, models.DTYPES[model.dtype]), tokenizer,
+                              section)
+        summary["gold_after"] = after.mean
+        logger.log(step, {"gold/mean": after.mean})
+        summary["gold_examples"] = [{"prompt": p, "completion": c, "gold": s}
+                                    for p, c, s in zip(after.prompts[:5], after.completions[:5], after.scores[:5])]
+    distributed.barrier()
+
+
 def release_trainer(trainer) -> None:
     """Free what a finished trainer holds on this rank (DeepSpeed engine, optimizer states, gradients, the model), so
     that what follows (scoring the exported model) has the memory training had. Only `trainer.state` stays usable."""

@@ -30,6 +30,7 @@ def run(recipe: RMRecipe) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from alignment.data import load_stage_data
+    from alignment.data.pairs import overlong_lines, tokenize_pairs
     from reward.scoring import STATS_FILE, RewardModelScorer, rendering_of
 
     # ---- setup: world, output layout, resume point (nothing written yet)
@@ -39,17 +40,14 @@ def run(recipe: RMRecipe) -> dict:
     # ---- data: tokenise pairs ourselves so that over-long pairs are counted before anything drops them;
     # only once the data is usable does the output directory change
     data = load_stage_data(recipe.data, "preference", tokenizer)
-    train, train_counts = tokenize_pairs(data.train, tokenizer, recipe.train.max_length, recipe.rm.overlong, recipe.rm.use_margin)
-    evald, eval_counts = (tokenize_pairs(data.eval, tokenizer, recipe.train.max_length, recipe.rm.overlong, recipe.rm.use_margin)
+    margin = ("margin",) if recipe.rm.use_margin else ()
+    train, train_counts = tokenize_pairs(data.train, tokenizer, recipe.train.max_length, recipe.rm.overlong, margin)
+    evald, eval_counts = (tokenize_pairs(data.eval, tokenizer, recipe.train.max_length, recipe.rm.overlong, margin)
                           if data.eval is not None else (None, None))
     logger = common.open_output(start, recipe, "rm")
     summary: dict = {"resumed_from": str(resume) if resume else None, "overlong": {"train": train_counts, "eval": eval_counts}}
     if distributed.is_main():
-        print(data.report.summary(), flush=True)
-        for split, counts in summary["overlong"].items():
-            if counts:
-                print(f"  {split} pairs longer than {recipe.train.max_length} tokens: {counts['overlong']} "
-                      f"({counts['action']}: {counts['dropped']} dropped, {counts['truncated']} truncated)", flush=True)
+        print("\n".join([data.report.summary(), *overlong_lines(summary["overlong"], recipe.train.max_length)]), flush=True)
         report = data.report.to_dict() | {"overlong": summary["overlong"]}
         (layout.root / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
 
@@ -117,46 +115,6 @@ def run(recipe: RMRecipe) -> dict:
     return summary
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def tokenize_pairs(dataset, tokenizer, max_length: int, overlong: str, use_margin: bool):
-    """Add chosen_ids / rejected_ids (encoded as `reward.scoring.encode` does); drop or truncate over-long pairs.
-
-    Returns (dataset with only the trainer's columns, counts). A pair is over-long when either side has
-    more than max_length tokens; truncation keeps the first max_length tokens, and a pair whose two
-    sides become identical is dropped (counted in `identical_after_truncation`).
-    """
-    from reward.scoring import encode
-
-    def _encode(row):
-        return {"chosen_ids": encode(tokenizer, row["prompt"], row["chosen"]),
-                "rejected_ids": encode(tokenizer, row["prompt"], row["rejected"])}
-
-    encoded = dataset.map(_encode, desc="tokenizing pairs")
-    too_long = [max(len(c), len(r)) > max_length for c, r in zip(encoded["chosen_ids"], encoded["rejected_ids"])]
-    counts = {"total": len(encoded), "overlong": sum(too_long), "action": overlong, "dropped": 0, "truncated": 0,
-              "identical_after_truncation": 0}
-    if overlong == "drop":
-        keep = [i for i, long in enumerate(too_long) if not long]
-        counts["dropped"] = len(encoded) - len(keep)
-        encoded = encoded.select(keep)
-    elif counts["overlong"]:
-        encoded = encoded.map(lambda r: {"chosen_ids": r["chosen_ids"][:max_length], "rejected_ids": r["rejected_ids"][:max_length]})
-        counts["truncated"] = counts["overlong"]
-        keep = [i for i, (c, r) in enumerate(zip(encoded["chosen_ids"], encoded["rejected_ids"])) if c != r]
-        counts["identical_after_truncation"] = len(encoded) - len(keep)
-        counts["dropped"] = counts["identical_after_truncation"]
-        encoded = encoded.select(keep)
-    columns = ["chosen_ids", "rejected_ids"] + (["margin"] if use_margin and "margin" in encoded.column_names else [])
-    encoded = encoded.remove_columns([c for c in encoded.column_names if c not in columns])
-    if len(encoded) == 0:
-        from alignment.errors import DataError
-
-        raise DataError(f"no preference pair is at most train.max_length={max_length} tokens ({counts['overlong']} over-long)")
-    return encoded, counts
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -183,14 +141,8 @@ def probe_rewards(trainer, pairs) -> dict:
 
 
 def score_across_ranks(scorer, sequences: list[list[int]]) -> torch.Tensor:
-    """Rewards [N] of encoded sequences on every rank: rank r scores sequences r, r + W, ... (lengths spread evenly over
-    the ranks), and the shares are gathered back in order."""
-    world, rank = distributed.world_size(), distributed.rank()
-    shares = distributed.gather_objects(scorer.score_ids(sequences[rank::world]).tolist())
-    rewards = torch.zeros(len(sequences))
-    for r, share in enumerate(shares):
-        rewards[r::world] = torch.tensor(share)
-    return rewards
+    """Rewards [N] of encoded sequences on every rank, each rank scoring a share (`distributed.map_shares`)."""
+    return torch.tensor(distributed.map_shares(sequences, lambda share: scorer.score_ids(share).tolist()))
 
 
 def pairwise_eval(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:

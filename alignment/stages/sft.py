@@ -25,8 +25,6 @@ def run(recipe: SFTRecipe) -> dict:
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from alignment.evaluation.gold import gold_eval, gold_eval_path
-
     # ---- setup: world, output layout, resume point (nothing written yet)
     start = common.start_stage(recipe)
     configured_state, layout, resume, tokenizer = start.configured_state, start.layout, start.resume, start.tokenizer
@@ -41,14 +39,8 @@ def run(recipe: SFTRecipe) -> dict:
     summary: dict = {"resumed_from": str(resume) if resume else None, "train_rows": len(data.train),
                      "eval_rows": len(data.eval) if data.eval is not None else 0}
 
-    # ---- baseline gold metric of the untrained policy (fresh runs only; rank 0, plain single-process model)
-    if recipe.gold_eval is not None and resume is None:
-        if distributed.is_main():
-            before = gold_eval_path(recipe.model.name_or_path, recipe.gold_eval, models.DTYPES[recipe.model.dtype])
-            summary["gold_before"] = before.mean
-            logger.log(0, {"gold/mean": before.mean})
-            print(f"gold metric before SFT: {before.mean:.4f} on {len(before.scores)} prompts", flush=True)
-        distributed.barrier()
+    # ---- baseline gold metric of the untrained policy (fresh runs only)
+    common.gold_before(recipe.gold_eval, recipe.model, "SFT", resume, summary, logger)
 
     # ---- trainer (args first: under ZeRO-3 they must exist before the model is built)
     args = common.training_args(
@@ -91,16 +83,8 @@ def run(recipe: SFTRecipe) -> dict:
 
     # ---- gold metric of the trained policy, from the exported checkpoint
     common.unset_zero3_init()
-    if recipe.gold_eval is not None and distributed.is_main():
-        if recipe.model.lora is None or recipe.sft.merge_lora_on_export:
-            after = gold_eval_path(final, recipe.gold_eval, models.DTYPES[recipe.model.dtype])
-        else:  # final/ holds the adapter: evaluate base + adapter merged in memory
-            after = gold_eval(common.merge_adapter(layout.adapter, AutoModelForCausalLM, models.DTYPES[recipe.model.dtype]), tokenizer, recipe.gold_eval)
-        summary["gold_after"] = after.mean
-        logger.log(trainer.state.global_step, {"gold/mean": after.mean})
-        examples = [{"prompt": p, "completion": c, "gold": s} for p, c, s in zip(after.prompts[:5], after.completions[:5], after.scores[:5])]
-        summary["gold_examples"] = examples
-    distributed.barrier()
+    common.gold_after(recipe.gold_eval, layout, recipe.model, recipe.sft.merge_lora_on_export, tokenizer,
+                      trainer.state.global_step, summary, logger)
 
     if distributed.is_main():
         _print_summary(summary, final)
