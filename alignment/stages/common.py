@@ -423,6 +423,13 @@ def gold_after(section, layout: RunLayout, model: ModelSection, merged: bool, to
     distributed.barrier()
 
 
+def gold_line(summary: dict) -> str:
+    """The summary's gold metric, before -> after (`gold_before` / `gold_after`), for a stage's closing lines."""
+    before = summary.get("gold_before")
+    return (f"  gold metric: {before:.4f} -> {summary['gold_after']:.4f}" if before is not None
+            else f"  gold metric: {summary['gold_after']:.4f}")
+
+
 def release_trainer(trainer) -> None:
     """Free what a finished trainer holds on this rank (DeepSpeed engine, optimizer states, gradients, the model), so
     that what follows (scoring the exported model) has the memory training had. Only `trainer.state` stays usable."""

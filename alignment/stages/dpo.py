@@ -190,7 +190,5 @@ def _print_summary(summary: dict, final) -> None:
         lines.append(f"  held-out pairs ranked by the implicit reward: accuracy {e['accuracy']:.4f} on {e['num_pairs']} "
                      f"pairs; margin mean {e['margin_mean']:.3f}")
     if "gold_after" in summary:
-        before = summary.get("gold_before")
-        lines.append(f"  gold metric: {before:.4f} -> {summary['gold_after']:.4f}" if before is not None
-                     else f"  gold metric: {summary['gold_after']:.4f}")
+        lines.append(common.gold_line(summary))
     print("\n".join(lines), flush=True)

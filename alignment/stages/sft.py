@@ -175,9 +175,7 @@ def _print_summary(summary: dict, final) -> None:
         lines.append(f"  eval loss: {before:.4f} -> {summary['eval_loss_after']:.4f}" if before is not None
                      else f"  eval loss: {summary['eval_loss_after']:.4f}")
     if "gold_after" in summary:
-        before = summary.get("gold_before")
-        lines.append(f"  gold metric: {before:.4f} -> {summary['gold_after']:.4f}" if before is not None
-                     else f"  gold metric: {summary['gold_after']:.4f}")
+        lines.append(common.gold_line(summary))
     print("\n".join(lines), flush=True)
 
 
