@@ -318,11 +318,12 @@ def inference_bytes(shape: ModelShape, tokens: int, dtype: str, logit_tokens: in
     return DTYPE_BYTES[dtype] * (tokens * (4 * shape.hidden + 2 * shape.intermediate) + logit_tokens * shape.vocab)
 
 
-def logprob_chunk_bytes() -> int:
-    """The chunked log-softmax's float32 temporaries (alignment.ppo.logprobs: a few chunks live at once)."""
+def logprob_chunk_bytes(logit_elements: int) -> int:
+    """The chunked log-softmax's float32 temporaries over `logit_elements` logits (alignment.ppo.logprobs: a few
+    chunks of at most CHUNK_ELEMENTS live at once)."""
     from alignment.ppo.logprobs import CHUNK_ELEMENTS
 
-    return 3 * 4 * CHUNK_ELEMENTS
+    return 3 * 4 * min(CHUNK_ELEMENTS, logit_elements)
 
 
 def zero3_gathered_lines(shapes: list[ModelShape], dtype: str, launch: Launch, phase: str,
@@ -395,15 +396,16 @@ def plan_ppo(recipe, launch: Launch, prompt_tokens: int, resolve=lambda path: pa
     # answer)
     scoring = [inference_bytes(shape, tokens, dtype, logit_tokens if role in ("policy", "reference") else 0)
                for role, (shape, dtype) in shapes.items()]
+    chunks = max((logprob_chunk_bytes(logit_tokens * shape.vocab) for shape, _ in shapes.values()), default=0)
     if scoring:
-        plan.lines.append(PlanLine("activations (no gradients)", max(scoring) + logprob_chunk_bytes(), phase="score"))
+        plan.lines.append(PlanLine("activations (no gradients)", max(scoring) + chunks, phase="score"))
     plan.lines += zero3_gathered_lines(every, recipe.policy.dtype, launch, "score")
     # train: policy and critic run forward + backward one after the other: the larger of the two at a time
     activations = [(role, activation_bytes(shape, tokens, shapes[role][1], train.gradient_checkpointing,
                                            logit_tokens if role == "policy" else 0)) for role, shape in trained.items()]
     if activations:
         role, peak = max(activations, key=lambda a: a[1])
-        plan.lines.append(PlanLine(f"activations + logits ({role})", peak + logprob_chunk_bytes(), phase="train",
+        plan.lines.append(PlanLine(f"activations + logits ({role})", peak + chunks, phase="train",
                                    note=f"{tokens} tokens per micro-batch, logits of {logit_tokens}"))
         plan.lines += zero3_gathered_lines(every, recipe.policy.dtype, launch, "train",
                                            trained=max(trained.values(), key=lambda s: s.params))
