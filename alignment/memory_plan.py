@@ -445,8 +445,7 @@ def _weight_sync_lines(recipe, launch: Launch, policy: ModelShape, engine_dtype:
     """Rank 0's buffers while it sends the weights: the gathered module's copy in the engine's dtype, and the
     transport's buffers (NCCL: two packed buffers; CUDA IPC: one, at least the largest tensor; gloo: two buckets and
     shm: one file chunk, in host memory)."""
-    from rollout.gloo_transfer import DEFAULT_BUCKET_BYTES
-    from rollout.weight_sync import DEFAULT_CHUNK_BYTES, IPC_BUFFER_BYTES, NCCL_BUFFER_BYTES
+    from rollout.weight_sync import DEFAULT_CHUNK_BYTES, GLOO_BUCKET_BYTES, IPC_BUFFER_BYTES, NCCL_BUFFER_BYTES
 
     if recipe.rollout.engine == "hf":
         return []
@@ -456,7 +455,7 @@ def _weight_sync_lines(recipe, launch: Launch, policy: ModelShape, engine_dtype:
     if sync in ("nccl", "ipc"):
         on_device = 2 * NCCL_BUFFER_BYTES if sync == "nccl" else max(IPC_BUFFER_BYTES, policy.largest_module * d)
         return [copy, PlanLine(f"weight sync: {sync} buffers (rank 0)", on_device, phase="sync")]
-    in_host = 2 * DEFAULT_BUCKET_BYTES if sync == "gloo" else min(DEFAULT_CHUNK_BYTES, policy.params * d)
+    in_host = 2 * GLOO_BUCKET_BYTES if sync == "gloo" else min(DEFAULT_CHUNK_BYTES, policy.params * d)
     return [copy, PlanLine(f"weight sync: {sync} buffers (rank 0)", 0 if launch.on_gpu else in_host,
                            in_host if launch.on_gpu else 0, phase="sync", note="in host memory")]
 

@@ -48,10 +48,11 @@ def free_port() -> int:
 
 def raw_broadcast(meta, repeats: int) -> float:
     """Best seconds to broadcast the model's bytes, in the transfer's buckets, to one other process."""
-    from rollout.gloo_transfer import DEFAULT_BUCKET_BYTES, _broadcast, _group, plan_buckets
+    from rollout.gloo_transfer import _broadcast, _group, plan_buckets
     from rollout.types import tensor_bytes
+    from rollout.weight_sync import GLOO_BUCKET_BYTES
 
-    buckets = plan_buckets([m.dtype for m in meta], [list(m.shape) for m in meta], DEFAULT_BUCKET_BYTES)
+    buckets = plan_buckets([m.dtype for m in meta], [list(m.shape) for m in meta], GLOO_BUCKET_BYTES)
     sizes = [sum(tensor_bytes(meta[i].dtype, meta[i].shape) for i in b) for b in buckets]
     port = free_port()
     receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(port), ",".join(map(str, sizes)), str(repeats)],

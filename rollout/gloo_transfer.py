@@ -38,11 +38,9 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from rollout.types import tensor_bytes
+from rollout.weight_sync import GLOO_BUCKET_BYTES
 
 BACKEND = "gloo"
-# 16 MiB: a 103M model synced in 0.38-0.43 s on loopback here, against 0.59-0.67 s with 64 MiB buckets (smaller
-# messages pipeline better, and the workers load one while the next arrives); benchmarks/bench_weight_sync.py
-DEFAULT_BUCKET_BYTES = 16 * 2**20
 DEFAULT_TIMEOUT_S = 600.0
 
 
@@ -70,7 +68,7 @@ class GlooWeightTransferInitInfo(WeightTransferInitInfo):
     rank_offset: int
     world_size: int
     timeout_s: float = DEFAULT_TIMEOUT_S
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    bucket_bytes: int = GLOO_BUCKET_BYTES
 
 
 @dataclass
@@ -153,7 +151,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooWeightTransferInitInfo, 
     def __init__(self, config, vllm_config, device, model):
         super().__init__(config, vllm_config, device, model)
         self.group = None
-        self.bucket_bytes = DEFAULT_BUCKET_BYTES
+        self.bucket_bytes = GLOO_BUCKET_BYTES
 
     def init_transfer_engine(self, init_info: GlooWeightTransferInitInfo) -> None:
         parallel = self.parallel_config
@@ -234,7 +232,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     master_port: int
     world_size: int
     timeout_s: float = DEFAULT_TIMEOUT_S
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    bucket_bytes: int = GLOO_BUCKET_BYTES
 
 
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
@@ -243,7 +241,7 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
 
     init_info_cls = GlooTrainerInitInfo
 
-    def __init__(self, *, client, source, is_sender: bool = True, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(self, *, client, source, is_sender: bool = True, bucket_bytes: int = GLOO_BUCKET_BYTES):
         super().__init__(client=client, source=source, is_sender=is_sender)
         self.bucket_bytes = bucket_bytes
         self.group = None

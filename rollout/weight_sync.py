@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 NCCL_BUFFER_BYTES = 64 * 2**20  # each of the two packed buffers of an nccl sync (GPU links saturate well below it)
+# gloo's buckets (rollout/gloo_transfer.py), 16 MiB: a 103M model synced in 0.38-0.43 s on loopback here, against
+# 0.59-0.67 s with 64 MiB buckets (smaller messages pipeline better, and the workers load one while the next arrives);
+# benchmarks/bench_weight_sync.py. Here, where the memory plan reads it without importing vLLM.
+GLOO_BUCKET_BYTES = 16 * 2**20
 IPC_BUFFER_BYTES = 2**30  # vLLM's default packed IPC buffer; raised to the largest tensor (see `ipc_buffer_bytes`)
 
 

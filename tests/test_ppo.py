@@ -395,7 +395,6 @@ def _train_phase_record(monkeypatch, stage) -> list[dict]:
     """Spy on the PPO stage's training phase: per call of `_train_on_batch`, the policy's and critic's module modes,
     the forwards of each decoder layer's MLP (module hooks do not see a checkpointed layer's recompute, a patched
     forward does), the micro-batches each model trained on, and every gradient right before each optimizer step."""
-    import torch
     from transformers.models.llama import modeling_llama
 
     import alignment.training as training
@@ -661,7 +660,6 @@ def test_engine_settings_reach_the_engine_the_stage_builds(tiny_paths, tiny_sft,
     then stops the run (nothing is started). The colocated engine's call comes after the models load."""
     import importlib
 
-    import rollout.launch
     from alignment.stages.ppo import run
 
     called = {}

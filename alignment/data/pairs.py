@@ -58,6 +58,15 @@ def tokenize_pairs(dataset, tokenizer, max_length: int, overlong: str, keep_colu
     return encoded, counts
 
 
+def tokenize_splits(data, tokenizer, max_length: int, overlong: str, **kwargs):
+    """`tokenize_pairs` on a StageData's train split and held-out split (if any): (train, eval or None, counts by
+    split)."""
+    train, train_counts = tokenize_pairs(data.train, tokenizer, max_length, overlong, **kwargs)
+    evald, eval_counts = (tokenize_pairs(data.eval, tokenizer, max_length, overlong, **kwargs)
+                          if data.eval is not None else (None, None))
+    return train, evald, {"train": train_counts, "eval": eval_counts}
+
+
 def overlong_lines(counts_by_split: dict[str, dict | None], max_length: int) -> list[str]:
     """The data report's lines about over-long pairs, one per split."""
     return [f"  {split} pairs longer than {max_length} tokens: {counts['overlong']} ({counts['action']}: "

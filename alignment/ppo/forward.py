@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from alignment.ppo.batch import ModelInputs
@@ -61,8 +63,6 @@ def critic_output_affine(recipe) -> tuple[float, float]:
     OpenRLHF folds the statistics into the critic's head at load; here they scale its output the same way. Identity
     when the critic is not such a model, or when `reward_normalization: running` standardises the total again.
     """
-    import os
-
     from reward.scoring import read_stats
 
     if recipe.value is None or recipe.algorithm.reward_normalization != "none":

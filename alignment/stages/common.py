@@ -387,6 +387,14 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(item, target)
 
 
+def report_data(layout: RunLayout, report, lines: list[str] = (), **extra) -> None:
+    """Print the data report (and the stage's own `lines` about its data) and write it, with `extra`, to
+    `<output.dir>/data_report.json` (rank 0)."""
+    if distributed.is_main():
+        print("\n".join([report.summary(), *lines]), flush=True)
+        (layout.root / "data_report.json").write_text(json.dumps(report.to_dict() | extra, indent=2, default=str))
+
+
 def gold_before(section, model: ModelSection, stage: str, resume, summary: dict, logger: MetricsLogger) -> None:
     """The gold metric of the starting policy (fresh runs only), into `summary["gold_before"]` and the metrics at step
     0 (rank 0, a plain single-process model; the others wait)."""

@@ -17,7 +17,6 @@ same for every model.
 
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -31,7 +30,7 @@ def run(recipe: DPORecipe) -> dict:
     from trl import DPOConfig
 
     from alignment.data import load_stage_data
-    from alignment.data.pairs import overlong_lines, tokenize_pairs
+    from alignment.data.pairs import overlong_lines, tokenize_splits
     from reward.scoring import rendering_of
 
     # ---- setup: world, output layout, resume point (nothing written yet)
@@ -40,18 +39,13 @@ def run(recipe: DPORecipe) -> dict:
 
     # ---- data: the pairs as the reward-model stage tokenises them; only once they are usable does output.dir change
     data = load_stage_data(recipe.data, "preference", tokenizer)
-    max_length, overlong = recipe.train.max_length, recipe.dpo.overlong
-    train, train_counts = tokenize_pairs(data.train, tokenizer, max_length, overlong, with_prompt_len=True)
-    evald, eval_counts = (tokenize_pairs(data.eval, tokenizer, max_length, overlong, with_prompt_len=True)
-                          if data.eval is not None else (None, None))
+    train, evald, overlong = tokenize_splits(data, tokenizer, recipe.train.max_length, recipe.dpo.overlong,
+                                             with_prompt_len=True)
     logger = common.open_output(start, recipe, "dpo")
-    summary: dict = {"resumed_from": str(resume) if resume else None, "overlong": {"train": train_counts, "eval": eval_counts},
+    summary: dict = {"resumed_from": str(resume) if resume else None, "overlong": overlong,
                      # how the pairs were rendered (the reward-model stage records the same for its pairs)
                      "rendering": rendering_of(tokenizer, data.format.conversational)}
-    if distributed.is_main():
-        print("\n".join([data.report.summary(), *overlong_lines(summary["overlong"], max_length)]), flush=True)
-        report = data.report.to_dict() | {"overlong": summary["overlong"]}
-        (layout.root / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
+    common.report_data(layout, data.report, overlong_lines(overlong, recipe.train.max_length), overlong=overlong)
     common.gold_before(recipe.gold_eval, recipe.model, "DPO", resume, summary, logger)
 
     # ---- reference log-probs, before the training arguments exist (under ZeRO-3 a model loaded after them is built
@@ -130,8 +124,7 @@ def reference_logps(reference, pairs, batch_size: int, pad_id: int) -> dict[str,
     for side in ("chosen", "rejected"):
         rows = list(zip(cuts, pairs[f"{side}_ids"]))
         logps[side] = distributed.map_shares(rows, lambda share: answer_logps(model, share, batch_size, pad_id))
-    del model
-    return logps
+    return logps  # the reference goes with this frame, before the trainer loads the policy
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ def run(recipe: RMRecipe) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from alignment.data import load_stage_data
-    from alignment.data.pairs import overlong_lines, tokenize_pairs
+    from alignment.data.pairs import overlong_lines, tokenize_splits
     from reward.scoring import STATS_FILE, RewardModelScorer, rendering_of
 
     # ---- setup: world, output layout, resume point (nothing written yet)
@@ -40,16 +40,11 @@ def run(recipe: RMRecipe) -> dict:
     # ---- data: tokenise pairs ourselves so that over-long pairs are counted before anything drops them;
     # only once the data is usable does the output directory change
     data = load_stage_data(recipe.data, "preference", tokenizer)
-    margin = ("margin",) if recipe.rm.use_margin else ()
-    train, train_counts = tokenize_pairs(data.train, tokenizer, recipe.train.max_length, recipe.rm.overlong, margin)
-    evald, eval_counts = (tokenize_pairs(data.eval, tokenizer, recipe.train.max_length, recipe.rm.overlong, margin)
-                          if data.eval is not None else (None, None))
+    train, evald, overlong = tokenize_splits(data, tokenizer, recipe.train.max_length, recipe.rm.overlong,
+                                             keep_columns=("margin",) if recipe.rm.use_margin else ())
     logger = common.open_output(start, recipe, "rm")
-    summary: dict = {"resumed_from": str(resume) if resume else None, "overlong": {"train": train_counts, "eval": eval_counts}}
-    if distributed.is_main():
-        print("\n".join([data.report.summary(), *overlong_lines(summary["overlong"], recipe.train.max_length)]), flush=True)
-        report = data.report.to_dict() | {"overlong": summary["overlong"]}
-        (layout.root / "data_report.json").write_text(json.dumps(report, indent=2, default=str))
+    summary: dict = {"resumed_from": str(resume) if resume else None, "overlong": overlong}
+    common.report_data(layout, data.report, overlong_lines(overlong, recipe.train.max_length), overlong=overlong)
 
     # ---- trainer (args first: under ZeRO-3 they must exist before the model is built)
     args = common.training_args(

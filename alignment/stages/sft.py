@@ -8,7 +8,6 @@ adapter/ (LoRA), metrics.jsonl, tensorboard/, summary.json.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,10 +31,7 @@ def run(recipe: SFTRecipe) -> dict:
     # ---- data; only once it is usable does the output directory change
     data, loss_on, loss_flags = _training_data(recipe, tokenizer)
     logger = common.open_output(start, recipe, "sft")
-    if distributed.is_main():
-        print(data.report.summary(), flush=True)
-        print(f"sft: loss on: {loss_on}", flush=True)
-        (layout.root / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2, default=str))
+    common.report_data(layout, data.report, [f"sft: loss on: {loss_on}"])
     summary: dict = {"resumed_from": str(resume) if resume else None, "train_rows": len(data.train),
                      "eval_rows": len(data.eval) if data.eval is not None else 0}
 
