@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import sys
 import traceback
 from dataclasses import dataclass
 
+from alignment import console
 from alignment.errors import UserError
 
 
@@ -56,6 +56,8 @@ def _add_recipe_command(sub, name: str, stage: Stage) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.learning_rate=1e-5")
     p.add_argument("--help-recipe", action="store_true", help="list every recipe key with its default and meaning")
     p.add_argument("--validate-only", action="store_true", help="check the recipe and exit")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' output (vLLM, DeepSpeed, TRL, ...) on the "
+                   "console instead of only in <output dir>/<stage>.log (also: ALIGNMENT_VERBOSE=1)")
     p.set_defaults(stage=stage)
 
 
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny", help="build the built-in tiny model, tokenizer and datasets (no hub needed)")
     tiny.add_argument("--out", default="outputs/tiny", help="output directory (default: outputs/tiny)")
+    tiny.add_argument("--verbose", action="store_true", help="show the libraries' output on the console")
 
     for name, stage in STAGES.items():
         _add_recipe_command(sub, name, stage)
@@ -101,8 +104,11 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "tiny":
         from alignment.tiny import build_tiny
 
+        if console.should_capture(args.verbose):
+            console.capture("tiny")
         paths = build_tiny(args.out)
-        print(f"tiny default written to {paths.root}")
+        console.keep_log_in(paths.root)
+        console.say(f"tiny default written to {paths.root}")
         return
     if args.command == "rollout":
         from rollout.serve import serve_from_args
@@ -125,9 +131,14 @@ def _run(args: argparse.Namespace) -> None:
     if args.validate_only:
         print(f"{args.recipe}: ok")
         return
+    if console.should_capture(args.verbose):
+        console.capture(args.action if args.command == "label" else args.command)
     resolve(stage.runner)(recipe)
-    from alignment.distributed import shutdown
+    from alignment.distributed import is_main, shutdown
 
+    closing = console.closing_line()
+    if closing and is_main():
+        console.say(closing)
     shutdown()
 
 
@@ -212,17 +223,27 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and (args.command, getattr(args, "action", None)) != ("rollout", "serve"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.vllm_args = unknown  # `alignment rollout serve` passes options of vLLM's server through
+    crashed = False
     try:
         _run(args)
     except Exception as exc:  # noqa: BLE001 (user mistakes become one line; anything else re-raises as it was)
         message = str(exc) if isinstance(exc, UserError) else library_rejection(exc)
         if message is None:
-            raise
+            if console.log_path() is None:
+                raise
+            # The libraries' output is captured: the traceback goes to the stage's log, its last line to the console.
+            crashed = True
+            traceback.print_exc()
+            print(f"error: {type(exc).__name__}: {exc}".splitlines()[0] + f" (traceback in {console.log_path()})",
+                  file=console.error_stream(), flush=True)
+            return 1
         if os.environ.get("LOCAL_RANK", "0") == "0":  # under a launch, once per node (each node has its own console)
             for line in message.splitlines():
-                print(f"error: {line}", file=sys.stderr)
+                print(f"error: {line}", file=console.error_stream(), flush=True)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted", file=console.error_stream())
         return 130
+    finally:
+        console.release(keep_log=crashed)
     return 0

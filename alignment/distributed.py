@@ -111,6 +111,14 @@ def all_reduce_sum(value: float) -> float:
     return float(sum_across_ranks(torch.tensor([float(value)], dtype=torch.float64)))
 
 
+def all_reduce_max(value: int) -> int:
+    if world_size() == 1:
+        return value
+    on_group = _to_group(torch.tensor([value], dtype=torch.int64))
+    dist.all_reduce(on_group, op=dist.ReduceOp.MAX)
+    return int(on_group.item())
+
+
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     """Average scalar metrics over ranks (one collective for the whole dict)."""
     if world_size() == 1 or not values:

@@ -34,6 +34,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignment import console
+
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME_CPU = int(0.6 * GiB)  # RSS of a stage process after importing torch, transformers, DeepSpeed, vLLM (measured)
@@ -358,8 +360,11 @@ def plan_ppo(recipe, launch: Launch, prompt_tokens: int, resolve=lambda path: pa
     new_tokens = recipe.rollout.sampling.max_new_tokens
     seq = min(prompt_tokens + new_tokens, recipe.rollout.max_model_len)
     tokens = algo.micro_batch_size * seq
-    logit_tokens = algo.micro_batch_size * (new_tokens + 1)  # the policy's logits cover the answer only
+    if algo.micro_batch_tokens is not None:  # a token budget; one sequence longer than it goes alone
+        tokens = min(tokens, max(algo.micro_batch_tokens, seq))
+    logit_tokens = min(algo.micro_batch_size * (new_tokens + 1), tokens)  # the policy's logits cover the answer only
     plan = MemoryPlan(f"PPO, micro-batch {algo.micro_batch_size} x {seq} tokens"
+                      + (f" (at most {tokens} padded tokens)" if algo.micro_batch_tokens is not None else "")
                       + (", gradient checkpointing" if train.gradient_checkpointing else ""), launch)
     shapes: dict[str, tuple[ModelShape, str]] = {}
 
@@ -527,14 +532,23 @@ def _sibling_resolver(recipe_path: str | None):
 
 
 def announce(stage: str, recipe, prompt_tokens: int | None = None) -> MemoryPlan | None:
-    """Print this launch's plan for the stage (call on rank 0 before the models load); warn when it does not fit."""
+    """Print this launch's plan for the stage (call on rank 0 before the models load); warn when it does not fit.
+
+    While the libraries' output is captured, a plan that fits shows as its first and last lines on the console and
+    whole in the stage's log."""
     plan = plan_recipe(stage, recipe, Launch.current(), prompt_tokens=prompt_tokens)
     if plan is None:
         return None
-    print(plan.render(), flush=True)
+    table = plan.render()
+    if plan.fits and console.log_path() is not None:
+        print(table, flush=True)
+        lines = table.splitlines()
+        console.say(f"{lines[0]}; {lines[-1].strip()} (the whole plan is in the stage log)")
+    else:
+        console.say(table)
     if not plan.fits:
-        print("warning: by the memory plan above this run will not fit: lower the micro-batch size or the sequence "
-              "length, turn on train.gradient_checkpointing, use more ranks, a higher ZeRO stage or offload", flush=True)
+        console.say("warning: by the memory plan above this run will not fit: lower the micro-batch size or the sequence "
+                    "length, turn on train.gradient_checkpointing, use more ranks, a higher ZeRO stage or offload")
     return plan
 
 

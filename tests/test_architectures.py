@@ -70,9 +70,12 @@ def test_tied_embedding_model_through_sft_rm_ppo_and_eval(tiny_paths, tmp_path):
     out = tmp_path / "eval"
     policies = f"policies=[{{path: {sft_dir / 'final'}, name: sft}}, {{path: {ppo_dir / 'final'}, name: ppo}}]"
     run_stage("eval", REPO / "recipes/tiny/eval.yaml", [policies, f"prompts.path={tiny_paths.eval_prompts}", "prompts.num_prompts=16",
-                                                        f"scorers.0.path={rm_dir / 'final'}", f"output_dir={out}"])
+                                                        f"scorers.0.path={rm_dir / 'final'}", f"output_dir={out}",
+                                                        f"perplexity.path={tiny_paths.eval_demos}", "perplexity.num_texts=16"])
     results = json.loads((out / "results.json").read_text())
     assert [p["name"] for p in results["policies"]] == ["sft", "ppo"]
+    # perplexity on held-out demonstrations rendered with Qwen2's chat template: SFT fits them, far below the vocabulary
+    assert 1 < results["per_policy"]["sft"]["perplexity"]["value"] < 20
     # KL to the reference (sft) from the engine's samples: 0 for sft itself only if the engine ran sft's weights
     assert results["per_policy"]["sft"]["kl"]["value"] == pytest.approx(0.0, abs=1e-3)
     assert results["per_policy"]["ppo"]["kl"]["value"] > 0.01

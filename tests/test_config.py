@@ -73,6 +73,13 @@ def test_bad_literal_suggests(recipe_file):
     assert "train.lr_scheduler: must be one of" in line and "did you mean 'cosine'" in line
 
 
+def test_unknown_tracker_lists_the_allowed_ones(recipe_file):
+    (line,) = errors_of(recipe_file(), overrides=["output.report_to=[tensorboard, mlfow]"])
+    assert line.endswith("output.report_to.1: must be one of tensorboard, wandb, mlflow, trackio; got 'mlfow' "
+                         "(did you mean 'mlflow'?)")
+    assert load_recipe(recipe_file(), SFTRecipe, ["output.report_to=[]"]).output.report_to == []
+
+
 def test_missing_local_path(recipe_file, tmp_path):
     (line,) = errors_of(recipe_file(data__sources=[{"path": str(tmp_path / "nope.jsonl")}]))
     assert "data.sources.0.path: path" in line and "nope.jsonl" in line and "does not exist" in line

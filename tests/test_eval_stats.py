@@ -97,3 +97,27 @@ def test_truncation_rate_and_input_checks():
     with pytest.raises(ValueError):
         stats.bootstrap_mean([])
     assert stats.preference_values(["A", "tie", "B"]).tolist() == [1.0, 0.5, 0.0]
+
+
+def test_perplexity_weighs_texts_by_their_tokens():
+    from alignment.evaluation.stats import perplexity
+
+    same = perplexity([2 * math.log(2), 2 * math.log(2)], [2, 2], samples=200)
+    assert (same.value, same.low, same.high, same.n) == pytest.approx((2.0, 2.0, 2.0, 2))
+    mixed = perplexity([0.0, 3 * math.log(3)], [1, 3], samples=2000, seed=1)
+    assert mixed.value == pytest.approx(3 ** 0.75)  # exp(total NLL / total tokens), not the mean of per-text perplexities
+    assert mixed.low == pytest.approx(1.0) and mixed.high == pytest.approx(3.0)  # resamples of one text only
+    with pytest.raises(ValueError):
+        perplexity([], [])
+
+
+def test_reference_metrics_hand_checked():
+    from alignment.evaluation.text_metrics import reference_scores
+
+    answer = "the lamp is bright and sturdy ."
+    assert reference_scores("bleu", [answer], [answer]) == [pytest.approx(100.0)]
+    assert reference_scores("rougeL", [answer, "the lamp is bright ."], [answer, [answer]]) == [
+        pytest.approx(1.0), pytest.approx(0.8)]  # rouge-score drops punctuation: LCS 4, precision 4/4, recall 4/6
+    # several references: the best one counts
+    assert reference_scores("rouge1", ["a b"], [["c d", "a b"]]) == [pytest.approx(1.0)]
+    assert reference_scores("bleu", ["x y z"], [["a b c d"]]) == [pytest.approx(0.0)]

@@ -918,3 +918,57 @@ def test_a_run_that_over_optimises_is_told_and_stopped_at_the_best_gold(tiny_pat
     best = max(metrics, key=lambda m: m["eval/gold"])
     assert summary["best"]["step"] == best["step"] and summary["best"]["eval/gold"] == best["eval/gold"]
     assert best["eval/gold"] > metrics[-1]["eval/gold"] and (out / "best" / "model.safetensors").is_file()
+
+
+def test_token_budget_micro_batches_and_old_logprobs_from_training_in_the_stage(tiny_paths, tiny_sft, tiny_rm,
+                                                                               vllm_engine, tmp_path, monkeypatch):
+    """GRPO, one epoch of one minibatch, KL in the loss: exactly on-policy, so the policy is forwarded by training alone
+    (its log-probs before the update come from there) and `algorithm.micro_batch_tokens` caps every forward's padded
+    tokens. The run equals one that scores the policy first, in row micro-batches, up to float noise."""
+    import torch
+    from safetensors.torch import load_file
+
+    import alignment.stages.ppo as stage
+
+    forwards: list[tuple[bool, int, int, int]] = []  # (training, rows, padded tokens, model) of every stage forward
+    training = [False]
+    train, forward = stage._train_on_batch, stage.policy_forward
+
+    def train_on_batch(*args, **kwargs):
+        training[0] = True
+        try:
+            return train(*args, **kwargs)
+        finally:
+            training[0] = False
+
+    def policy_forward(model, inputs, *args, **kwargs):
+        forwards.append((training[0], inputs.input_ids.shape[0], inputs.input_ids.numel(), id(model)))
+        return forward(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "_train_on_batch", train_on_batch)
+    monkeypatch.setattr(stage, "policy_forward", policy_forward)
+    common = ["train.steps=2", "train.prompts_per_step=8", "algorithm.epochs=1", "algorithm.minibatches=1",
+              "algorithm.micro_batch_size=8"]
+    runs = {}
+    for name, extra in (("budget", ["algorithm.micro_batch_tokens=60"]), ("rows", [])):
+        if name == "rows":  # the same run, its policy scored before the update as with several epochs
+            monkeypatch.setattr(stage, "old_logprobs_come_from_training", lambda recipe: False)
+        forwards.clear()
+        out = tmp_path / name
+        stage.run(load_recipe(TINY_PPO.parent / "ppo_grpo.yaml", PPORecipe,
+                              [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out, critic=False), *common, *extra]),
+                  engine=vllm_engine)
+        runs[name] = (list(forwards), read_metrics(out), load_file(str(out / "final" / "model.safetensors")))
+    budget_forwards, rows_forwards = runs["budget"][0], runs["rows"][0]
+    # scoring forwards: the reference only (budget run) vs the policy and the reference (rows run)
+    for forwards_of_run, models_scored in ((budget_forwards, 1), (rows_forwards, 2)):
+        policy = {model for trains, _, _, model in forwards_of_run if trains}
+        scored = {model for trains, _, _, model in forwards_of_run if not trains}
+        assert len(policy) == 1 and len(scored) == models_scored and (policy <= scored) == (models_scored == 2)
+    assert all(tokens <= 60 or rows == 1 for _, rows, tokens, _ in budget_forwards)
+    assert all(rows == 8 for _, rows, _, _ in rows_forwards) and len(budget_forwards) > len(rows_forwards)
+    for got, want in zip(runs["budget"][1], runs["rows"][1]):
+        for key in ("ppo/reward", "ppo/policy_loss", "ppo/kl", "ppo/entropy", "ppo/logprob_mismatch", "ppo/clip_fraction"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
+    for key, weight in runs["rows"][2].items():
+        torch.testing.assert_close(runs["budget"][2][key], weight, rtol=1e-4, atol=1e-5)

@@ -4,7 +4,9 @@ computing on the concatenated batch:
 - advantage whitening (GAE, REINFORCE++, REINFORCE++-baseline) uses the global batch's statistics;
 - losses reduced over the whole accumulation window of both ranks, through the DeepSpeed engines and
   `AccumulationWindow` the stage uses, give the single-process gradient of the window's loss;
-- a window whose micro-batches were all NaN takes no optimizer step under ZeRO-2 (weights and Adam state unchanged).
+- a window whose micro-batches were all NaN takes no optimizer step under ZeRO-2 (weights and Adam state unchanged);
+- the stage's training pass (`_train_on_batch`, a tiny Llama) with token-budget micro-batches gives the gradient and
+  the loss metrics of row micro-batches, the ranks' micro-batch counts made equal (ZeRO-3 runs too).
 
 Both ranks run every check in one spawn (start-up is most of the cost); each test reads its part of the results.
 """
@@ -118,6 +120,72 @@ def _skipped_window_under_zero2() -> dict:
     }
 
 
+# Completion lengths per rank: rank 0's long tail and rank 1's even lengths group differently under a token budget.
+COMPLETION_LENGTHS = ([1, 2, 3, 10, 12, 2], [8, 8, 8, 8, 1, 1])
+BUDGETS = (None, 20, 64, 10**6)
+
+
+def _rollouts(rank: int):
+    """One rank's rollouts for `_train_on_batch`: random prompts (3-5 tokens) and answers, log-probs, advantages."""
+    from alignment.ppo.batch import RolloutBatch
+
+    g = torch.Generator().manual_seed(100 + rank)
+    lengths = COMPLETION_LENGTHS[rank]
+    T = max(lengths)
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()
+    logp = lambda: -torch.rand(len(lengths), T, generator=g) * mask  # noqa: E731
+    batch = RolloutBatch(
+        prompt_ids=[torch.randint(1, 32, (3 + i % 3,), generator=g).tolist() for i in range(len(lengths))],
+        completion_ids=[torch.randint(1, 32, (n,), generator=g).tolist() for n in lengths],
+        finish_reasons=["stop"] * len(lengths), prompt_rows=list(range(len(lengths))), mask=mask,
+        sampler_logp=logp(), weight_version=0)
+    batch.old_logp, batch.ref_logp = logp(), logp()
+    batch.advantages = torch.randn(len(lengths), T, generator=g) * mask
+    batch.entropy = torch.zeros_like(mask)
+    return batch
+
+
+def _token_budget_training(rank: int, zero_stage: int) -> dict:
+    """Per budget: the gradient the optimizer steps on (stage 0: after the reduction over ranks), the weights after
+    the step, the loss metrics and this rank's micro-batch count."""
+    from pathlib import Path
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignment.config.ppo import PPORecipe
+    from alignment.config.schema import load_recipe
+    from alignment.ppo import KL_ESTIMATORS
+    from alignment.stages import ppo as stage
+    from alignment.training import ZeroSettings, make_train_engine
+
+    out = {}
+    for budget in BUDGETS:
+        recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/tiny/ppo_grpo.yaml", PPORecipe,
+                             ["algorithm.epochs=1", "algorithm.minibatches=1", "algorithm.micro_batch_size=4",
+                              f"algorithm.micro_batch_tokens={'null' if budget is None else budget}"], check_paths=False)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+        engine = make_train_engine(model, ZeroSettings(zero_stage), lr=1e-2, weight_decay=0.0, warmup_steps=0,
+                                   micro_batch_size=4, grad_accum_steps=2, max_grad_norm=0.0)
+        captured: list[torch.Tensor] = []
+        if zero_stage == 0:
+            step = engine.optimizer.step
+
+            def spy_step(*args, _step=step, **kwargs):
+                captured.extend(p.grad.clone() for p in engine.module.parameters())
+                return _step(*args, **kwargs)
+
+            engine.optimizer.step = spy_step
+        batch = _rollouts(rank)
+        counts = len(batch.distributed_micro_batches(torch.arange(len(batch)), 4, budget))
+        stats = stage._train_on_batch(batch, engine, None, recipe, 0.1, KL_ESTIMATORS["k3"], 0, torch.device("cpu"), 1.0,
+                                      train_actor=True, generator_seed=0)
+        out[budget] = {"gradient": captured, "stats": stats, "micro_batches": counts,
+                       "local_micro_batches": len(batch.micro_batches(torch.arange(len(batch)), 4, budget))}
+    return out
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -132,6 +200,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "per_rank_advantages": {name: _advantages(name, mine) for name in WHITENED},
         "gradients": {mode: _accumulated_gradient(mode, rank) for mode in AGGREGATIONS},
         "skipped_window": _skipped_window_under_zero2(),
+        "token_budget": _token_budget_training(rank, zero_stage=0),
+        "token_budget_zero3": _token_budget_training(rank, zero_stage=3),
     }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -169,3 +239,24 @@ def test_two_rank_accumulation_gives_the_single_process_window_gradient(two_rank
 def test_a_window_of_nan_micro_batches_takes_no_optimizer_step(two_ranks):
     for r in two_ranks:
         assert r["skipped_window"] == {"stepped": False, "skipped": 2, "weights_equal": True, "state_equal": True}
+
+
+def test_token_budget_micro_batches_give_the_row_micro_batch_gradient(two_ranks):
+    for r in two_ranks:
+        rows = r["token_budget"][None]
+        for budget in BUDGETS[1:]:
+            got = r["token_budget"][budget]
+            for a, b in zip(got["gradient"], rows["gradient"]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            for key in ("ppo/policy_loss", "ppo/clip_fraction", "ppo/approx_kl"):  # token-weighted: grouping-free
+                assert got["stats"][key] == pytest.approx(rows["stats"][key], rel=1e-5, abs=1e-7), key
+    # The budgets group differently from rows and from rank to rank; the ranks ran the same number of forwards.
+    local = {b: [r["token_budget"][b]["local_micro_batches"] for r in two_ranks] for b in BUDGETS}
+    assert local[None] == [2, 2] and local[20][0] != local[20][1], local
+    assert all(len({r["token_budget"][b]["micro_batches"] for r in two_ranks}) == 1 for b in BUDGETS)
+    assert all(r["token_budget"][20]["micro_batches"] == max(local[20]) for r in two_ranks)
+    # ZeRO-3 gathers every layer in each forward: unequal counts would hang there; equal ones train alike.
+    for r in two_ranks:
+        for budget in BUDGETS[1:]:
+            assert r["token_budget_zero3"][budget]["stats"]["ppo/policy_loss"] == pytest.approx(
+                r["token_budget_zero3"][None]["stats"]["ppo/policy_loss"], rel=1e-5)

@@ -715,3 +715,22 @@ def test_overoptimization_is_reward_up_and_gold_down_beyond_noise():
     assert found[5].reward_rise == pytest.approx(1.0) and "over the last 3 steps" in found[5].describe()
     assert run([0, 0, 0, 1, 1, 1], [0.5, 0.7, 0.3, 0.45, 0.65, 0.25])[5] is None  # a 0.05 drop in noise of 0.2
     assert run([1, 1, 1, 0, 0, 0], [0.50, 0.52, 0.48, 0.30, 0.32, 0.28])[5] is None  # the reward fell too
+
+
+def test_token_budget_micro_batches_by_hand():
+    from alignment.ppo.batch import RolloutBatch
+
+    prompts, answers = [3, 4, 5, 3, 4, 5], [1, 2, 3, 10, 12, 2]  # totals 4, 6, 8, 13, 16, 7
+    batch = RolloutBatch(prompt_ids=[[1] * p for p in prompts], completion_ids=[[2] * c for c in answers],
+                         finish_reasons=["stop"] * 6, prompt_rows=list(range(6)), mask=torch.ones(6, 12),
+                         sampler_logp=torch.zeros(6, 12), weight_version=0)
+    rows = torch.arange(6)
+    as_lists = lambda groups: [g.tolist() for g in groups]  # noqa: E731
+    # rows by length, padded as model_inputs pads: rows x (longest prompt + longest answer) <= the budget
+    assert as_lists(batch.micro_batches(rows, 16, max_tokens=20)) == [[0, 1], [5, 2], [3], [4]]  # 12, 16, 13, 16
+    assert [batch.padded_tokens(g) for g in batch.micro_batches(rows, 16, max_tokens=20)] == [12, 16, 13, 16]
+    assert as_lists(batch.micro_batches(rows, 16, max_tokens=10)) == [[0], [1], [5], [2], [3], [4]]  # a long row alone
+    assert as_lists(batch.micro_batches(rows, 2, max_tokens=10**6)) == [[0, 1], [5, 2], [3, 4]]  # and <= rows
+    assert as_lists(batch.micro_batches(rows, 4)) == [[0, 1, 5, 2], [3, 4]]  # no budget: micro_batch_size rows
+    # one process: the count is what the budget gives
+    assert len(batch.distributed_micro_batches(rows, 16, max_tokens=20)) == 4

@@ -155,7 +155,7 @@ def test_dataset_shapes_and_holdout(tiny):
     assert 1000 <= len(sft) <= 5000 and 1000 <= len(prefs) <= 3000
     assert 500 <= len(prompts) <= 2000 and 100 <= len(evals) <= 200
     assert set(sft[0]) == {"prompt", "completion"} and set(prefs[0]) == {"prompt", "chosen", "rejected"}
-    assert set(prompts[0]) == set(evals[0]) == {"prompt", "item"}
+    assert set(prompts[0]) == {"prompt", "item"} and set(evals[0]) == {"prompt", "item", "reference"}
     for row in sft[:50] + prefs[:50]:
         assert [m["role"] for m in row["prompt"]] == ["user"]
         for key in ("completion", "chosen", "rejected"):
@@ -168,6 +168,10 @@ def test_dataset_shapes_and_holdout(tiny):
     assert len(set(eval_texts)) == len(eval_texts)
     assert not (set(eval_texts) & train_texts)
     assert {r["item"] for r in evals} == set(task.ITEMS)
+    # every held-out prompt has a perfect reference answer and one held-out demonstration (for perplexity)
+    assert all(gold_score(r["item"], r["reference"]) == 1.0 for r in evals)
+    demos = _read(tiny.eval_demos)
+    assert [d["prompt"] for d in demos] == [r["prompt"] for r in evals] and set(demos[0]) == {"prompt", "completion"}
 
 
 def test_demo_mean_gold_matches_documented(tiny):

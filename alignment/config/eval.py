@@ -76,6 +76,18 @@ class JudgeSection:
 
 
 @recipe
+class PerplexitySection:
+    """Perplexity of each policy on held-out text: exp(mean negative log-likelihood per token)."""
+
+    path: str = required(help="held-out texts: jsonl/json/parquet/csv or hub id with `text`, `prompt`/`completion` or `messages` "
+                         "columns; the completion (or the last assistant turn) is scored given its prompt, a text whole",
+                         path="data")
+    num_texts: int = option(256, help="use the first N rows (file order)", min=1)
+    split: str = option("train", help="split to read (hub datasets)")
+    max_length: int = option(1024, help="longer sequences keep their first max_length tokens (counted in the report)", min=8)
+
+
+@recipe
 class StatsSection:
     bootstrap_samples: int = option(1000, help="bootstrap resamples of the prompt set", min=10)
     confidence: float = option(0.95, help="confidence level of the intervals", min=0.5, max=0.999)
@@ -96,6 +108,12 @@ class EvalRecipe:
     primary: str | None = option(None, help="scorer used for the headline table and the reward-vs-KL curve (default: gold, else the first scorer)")
     judge: JudgeSection | None = option(None, help="LLM judge for pairwise win rates")
     kl: bool = option(True, help="estimate KL(policy || reference) on each policy's own samples")
+    perplexity: PerplexitySection | None = option(None, help="perplexity of each policy on a held-out text set")
+    reference_column: str = option("reference", help="prompt column with reference answers (a string or a list of "
+                                   "strings); when the prompts carry it, every sample is scored against them")
+    reference_metrics: list[Literal["bleu", "rouge1", "rouge2", "rougeL"]] = option(
+        ["bleu", "rougeL"], help="metrics against the reference answers: sentence BLEU (sacrebleu, 0-100) and ROUGE F1 "
+        "(rouge-score, 0-1), best over a prompt's references; reported like scorers, with CIs")
     stats: StatsSection = option(StatsSection(), help="bootstrap settings")
     output_dir: str = required(help="where report.md, report.html, results.json, samples.jsonl and plots/ go")
 

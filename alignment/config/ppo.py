@@ -112,6 +112,39 @@ class KLSection:
 
 
 @recipe
+class DynamicSamplingSection:
+    """DAPO's dynamic sampling (Yu et al. 2025): train only on groups whose rewards vary (alignment/ppo/dynamic_sampling.py)."""
+
+    enabled: bool = option(
+        False, help="drop the groups whose scores (reward plus the length penalties, before normalisation and "
+        "clipping) are all equal, whose group-relative advantage is 0 everywhere, and generate more prompts from the "
+        "same prompt stream until the step has train.prompts_per_step groups with signal. Needs advantage grpo, "
+        "dr_grpo or rloo and a synchronous engine (rollout.async_generation: false)")
+    max_rounds: int = option(
+        3, help="extra generation rounds per step at most (each at most prompts_per_step prompts, sized by the share "
+        "of groups kept so far); when they do not fill the step it trains on the groups it has, cut to a multiple of "
+        "the number of processes (a step with fewer is skipped, with a warning)", min=0)
+
+
+@recipe
+class OverlongSection:
+    """DAPO's overlong filtering and soft overlong punishment (Yu et al. 2025, sec. 3.4)."""
+
+    filter: bool = option(
+        False, help="answers cut at rollout.sampling.max_new_tokens (no EOS) get no loss weight: their rows of the "
+        "loss mask are zeroed after advantages (policy loss, KL-in-loss, entropy bonus and value loss alike; they still "
+        "count in their group's baseline). The loss normaliser follows algorithm.loss_aggregation: token_mean divides "
+        "by the kept tokens only; seq_mean_* divide by all sequences of the window, the cut ones counting with zero "
+        "loss (metric ppo/overlong_filtered: share of the step's samples filtered)")
+    buffer: int | None = option(
+        None, help="soft overlong punishment (DAPO eq. 13): L_cache tokens before L_max = max_new_tokens over which a "
+        "penalty ramps linearly from 0 to -penalty_factor (an answer cut at max_new_tokens gets -penalty_factor); added "
+        "to the score where truncation_penalty is (after reward normalisation, before the reward clip), both apply to "
+        "a cut answer (metric ppo/overlong_penalty: its mean). None: off", min=1)
+    penalty_factor: float = option(1.0, help="the soft penalty at max_new_tokens, in score units", min=0.0)
+
+
+@recipe
 class PPOAlgorithmSection:
     advantage: ADVANTAGE_CHOICES = option("gae", help="gae needs a value model; the others are critic-free")
     gamma: float = option(1.0, help="discount", min=0.0, max=1.0)
@@ -119,6 +152,10 @@ class PPOAlgorithmSection:
     epochs: int = option(1, help="PPO epochs over each batch of rollouts", min=1)
     minibatches: int = option(1, help="optimizer steps per epoch (each over a slice of the rollouts)", min=1)
     micro_batch_size: int = option(16, help="sequences per forward/backward pass", min=1)
+    micro_batch_tokens: int | None = option(
+        None, help="token-budget micro-batches: sequences grouped by length into forwards of at most this many padded "
+        "tokens (and micro_batch_size rows; a longer sequence goes alone), for scoring and training; the loss and its "
+        "gradient are those of row micro-batches (None: micro_batch_size rows each)", min=1)
     clip_low: float = option(0.2, help="ratio lower clip: 1 - clip_low", min=0.0)
     clip_high: float = option(0.2, help="ratio upper clip: 1 + clip_high", min=0.0)
     dual_clip: float | None = option(None, help="dual-clip constant c > 1 for negative advantages (Ye et al. 2020)", min=1.0)
@@ -138,6 +175,9 @@ class PPOAlgorithmSection:
         "sampler/trainer mismatch and, with async_generation, the one-update-old sampler; per token, it corrects the "
         "action distribution, not the states the older policy led to (None: off)", min=1.0)
     kl: KLSection = option(KLSection(), help="KL leash to the reference policy")
+    dynamic_sampling: DynamicSamplingSection = option(
+        DynamicSamplingSection(), help="DAPO dynamic sampling: refill the step with groups whose rewards vary")
+    overlong: OverlongSection = option(OverlongSection(), help="DAPO overlong filtering and soft overlong punishment")
 
 
 @recipe
@@ -226,6 +266,20 @@ class PPORecipe:
         from alignment.ppo.kl import validate_kl
 
         errors += [f"algorithm.kl: {e}" for e in validate_kl(self.algorithm.kl.estimator, self.algorithm.kl.placement)]
+        if self.algorithm.dynamic_sampling.enabled:
+            from alignment.ppo.dynamic_sampling import validate_dynamic_sampling
+
+            errors += [f"algorithm.dynamic_sampling: {e}" for e in validate_dynamic_sampling(
+                self.algorithm.advantage, self.rollout.sampling.samples_per_prompt)]
+            if self.rollout.async_generation:
+                errors.append("algorithm.dynamic_sampling: cannot be combined with rollout.async_generation (the next "
+                              "step's prompts are drawn and generated before this step knows how many refills it takes, "
+                              "and refills would mix weight versions in one step); turn one of them off")
+        overlong = self.algorithm.overlong
+        if overlong.buffer is not None and overlong.buffer >= self.rollout.sampling.max_new_tokens:
+            errors.append(f"algorithm.overlong.buffer: must be below rollout.sampling.max_new_tokens "
+                          f"({self.rollout.sampling.max_new_tokens}): the penalty starts at max_new_tokens - buffer "
+                          f"tokens, got {overlong.buffer}")
         if self.algorithm.kl.target is not None and self.algorithm.kl.target <= 0:
             errors.append(f"algorithm.kl.target: must be > 0 for the adaptive controller, got {self.algorithm.kl.target}")
         errors += self.rollout.weight_sync_errors()

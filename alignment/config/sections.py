@@ -80,6 +80,8 @@ class OutputSection:
     save_total_limit: int = option(2, help="keep the last K checkpoints", min=1)
     logging_steps: int = option(10, help="log metrics every N steps", min=1)
     resume: bool = option(True, help="resume from the latest complete checkpoint in dir if there is one")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = option(
+        ["tensorboard"], help="experiment trackers fed the metrics of metrics.jsonl (always written); [] for none")
 
 
 @recipe

@@ -15,6 +15,12 @@ class SFTOptions:
         "(messages; no {% generation %} markers needed), or every token; auto: completion, assistant or all by format"
     )
     packing: bool = option(False, help="pack several examples into each sequence")
+    overlong: Literal["truncate", "drop"] = option(
+        "truncate", help="rows longer than train.max_length (each row alone, also with packing) keep their first "
+        "max_length tokens or are dropped; always counted, and a truncated row left with no token that carries loss "
+        "is dropped. truncate, unlike rm/dpo.overlong: the tokens a cut row keeps are still right targets, while a "
+        "cut pair can lose what tells its answers apart"
+    )
     merge_lora_on_export: bool = option(True, help="merge LoRA adapters into the base weights in the final export")
     probe_examples: int = option(16, help="held-out examples whose loss the trained model reports in summary.json (export check)", min=0)
 

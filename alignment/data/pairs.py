@@ -67,8 +67,21 @@ def tokenize_splits(data, tokenizer, max_length: int, overlong: str, **kwargs):
     return train, evald, {"train": train_counts, "eval": eval_counts}
 
 
-def overlong_lines(counts_by_split: dict[str, dict | None], max_length: int) -> list[str]:
-    """The data report's lines about over-long pairs, one per split."""
-    return [f"  {split} pairs longer than {max_length} tokens: {counts['overlong']} ({counts['action']}: "
-            f"{counts['dropped']} dropped, {counts['truncated']} truncated)"
+# Why pairs that truncation kept were dropped after all: count key -> the report's words.
+PAIR_DROP_REASONS = {"identical_after_truncation": "identical after truncation", "answer_cut_away": "with an answer cut away"}
+
+
+def overlong_lines(counts_by_split: dict[str, dict | None], max_length: int, noun: str = "pairs",
+                   reasons: dict[str, str] = PAIR_DROP_REASONS) -> list[str]:
+    """The data report's lines about over-long pairs (or SFT rows: `noun`), one per split: how many, and what became
+    of them. `reasons` (count key -> words) says why some that truncation kept were dropped after all; a key the
+    counts lack (`answer_cut_away` without `with_prompt_len`) is left out."""
+
+    def outcome(counts: dict) -> str:
+        if counts["action"] == "drop":
+            return f"{counts['dropped']} dropped"
+        why = [f"{counts[key]} {words}" for key, words in reasons.items() if key in counts]
+        return f"{counts['truncated']} truncated" + (f", {' and '.join(why)}, dropped" if why else "")
+
+    return [f"  {split} {noun} longer than {max_length} tokens: {counts['overlong']} ({counts['action']}: {outcome(counts)})"
             for split, counts in counts_by_split.items() if counts]

@@ -107,6 +107,9 @@ def step_of(path: str) -> int | None:
 def resolve_policies(specs: list[PolicySpec], run: RunSection | None = None) -> list[Policy]:
     """Policies in recipe order, then the run's checkpoints (oldest first) and its final model; names made unique."""
     policies = [Policy(s.name or default_name(s.path), s.path, s.step if s.step is not None else step_of(s.path), s.path) for s in specs]
+    for p in policies:
+        if p.step is None and Path(p.path).name == "final":  # a run's final model: the run's last step
+            p.step = _run_steps(Path(p.path).parent)
     if run is not None:
         policies += run_policies(run)
     seen: dict[str, int] = {}

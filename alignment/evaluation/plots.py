@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # No timestamps or versions in the files: the same numbers give the same bytes.
 PNG_METADATA = {"Software": None}
@@ -72,3 +73,37 @@ def win_rate_matrix(names: list[str], pairs: list[dict], scorer: str, path: Path
     ax.set_title(f"win rate of row over column ({scorer})")
     fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
+
+
+def training_curves(title: str, series: dict[str, tuple[list[int], list[float]]],
+                    panels: list[tuple[str, list[str], list[str]]], path: Path) -> Path:
+    """One small panel per metric group against the training step; `panels` as `curves.panels` gives them."""
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.9 * rows), squeeze=False)
+    for ax, (name, left, right) in zip(axes.ravel(), panels):
+        _draw(ax, series, left, "tab:blue", "-")
+        if right:
+            twin = ax.twinx() if left else ax
+            _draw(twin, series, right, "tab:red", "--")
+            if left:
+                twin.legend(loc="lower right", fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if left:
+            ax.legend(loc="upper left", fontsize=7)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def _draw(ax, series, keys: list[str], color: str, style: str) -> None:
+    shades = [color, "tab:orange", "tab:green", "tab:purple"]
+    for key, shade in zip(keys, shades):
+        steps, values = series[key]
+        ax.plot(steps, values, style, color=shade, marker="o" if len(steps) <= 12 else None, markersize=3, label=key)
+    ax.tick_params(labelsize=7)
+    ax.ticklabel_format(axis="y", useOffset=False)  # a mismatch of 1.0000003 reads as such, not as "3 + 1e-7"

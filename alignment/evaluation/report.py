@@ -6,7 +6,7 @@ import html
 import re
 from pathlib import Path
 
-from alignment.evaluation import plots
+from alignment.evaluation import curves, plots
 
 
 def _fmt(est: dict | None, digits: int = 3) -> str:
@@ -38,17 +38,35 @@ def make_plots(results: dict, scores: dict[str, dict[str, list[float]]], out: Pa
     return figs
 
 
+def make_curve_plots(results: dict, out: Path) -> list[tuple[str, str]]:
+    """(caption, relative path) of one training-curves figure per run the policies come from."""
+    figs = []
+    for run in results.get("runs", []):
+        series = curves.read_series(run["dir"])
+        chosen = curves.panels(series)
+        if not chosen:
+            continue
+        rel = f"plots/curves_{_slug(run['policies'][0])}.png"  # policy names are unique; run directories' names need not be
+        plots.training_curves(f"{run['dir']} ({run['stage'] or 'training'})", series, chosen, out / rel)
+        figs.append((f"Training curves of {run['dir']} ({run['stage'] or 'training'}; policies "
+                     f"{', '.join(run['policies'])})", rel))
+    return figs
+
+
 def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     """(title, header, rows, note) of every table; shared by the Markdown and HTML renderers."""
     conf = f"{results['stats']['confidence']:.0%}"
     out = []
     scorers = results["scorers"]
-    header = ["policy", "step"] + [f"{s} (mean, {conf} CI)" for s in scorers] + ["KL to ref", "length (tokens)", "truncated"]
+    with_ppl = any(r.get("perplexity") for r in results["per_policy"].values())
+    header = (["policy", "step"] + [f"{s} (mean, {conf} CI)" for s in scorers] + ["KL to ref", "length (tokens)", "truncated"]
+              + ([f"perplexity ({conf} CI)"] if with_ppl else []))
     rows = []
     for p in results["policies"]:
         r = results["per_policy"][p["name"]]
         rows.append([p["name"], "" if p["step"] is None else str(p["step"])] + [_fmt(r["scores"][s]) for s in scorers]
-                    + [_fmt(r["kl"]), _fmt(r["length"], 1), f"{r['truncation_rate']:.1%}"])
+                    + [_fmt(r["kl"]), _fmt(r["length"], 1), f"{r['truncation_rate']:.1%}"]
+                    + ([_fmt(r.get("perplexity"), 2)] if with_ppl else []))
     out.append(("Scores per policy", header, rows,
                 f"Mean per sample; CIs are bootstrap percentile intervals over prompts ({results['stats']['bootstrap_samples']} resamples). "
                 f"KL = mean over the policy's own samples of sum_t log pi(x_t) - log pi_ref(x_t), reference: {results['reference']['name']}."))
@@ -67,7 +85,7 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     return out
 
 
-def markdown(results: dict, figs: list[tuple[str, str]]) -> str:
+def markdown(results: dict, figs: list[tuple[str, str]], curve_figs: list[tuple[str, str]]) -> str:
     s = results["sampling"]
     lines = ["# Evaluation report", "",
              f"{len(results['policies'])} policies on {results['prompts']['count']} prompts from `{results['prompts']['path']}`; "
@@ -79,9 +97,10 @@ def markdown(results: dict, figs: list[tuple[str, str]]) -> str:
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         lines += ["", note, ""]
-    if figs:
-        lines += ["## Plots", ""]
-        lines += [f"![{cap}]({rel})\n\n*{cap}*\n" for cap, rel in figs]
+    for heading, group in (("Training curves", curve_figs), ("Plots", figs)):
+        if group:
+            lines += [f"## {heading}", ""]
+            lines += [f"![{cap}]({rel})\n\n*{cap}*\n" for cap, rel in group]
     if results["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     lines += ["## Checkpoints", ""] + [f"- **{p['name']}**: `{p['source']}`" for p in results["policies"]] + [""]
@@ -95,7 +114,7 @@ figure{display:inline-block;margin:.5em 1em .5em 0}figcaption{font-size:.88em;co
 code{background:#f4f4f4;padding:0 .2em}"""
 
 
-def html_report(results: dict, figs: list[tuple[str, str]]) -> str:
+def html_report(results: dict, figs: list[tuple[str, str]], curve_figs: list[tuple[str, str]]) -> str:
     e = html.escape
     s = results["sampling"]
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>Evaluation report</title>', f"<style>{CSS}</style></head><body>",
@@ -109,9 +128,11 @@ def html_report(results: dict, figs: list[tuple[str, str]]) -> str:
         parts.append(f"<h2>{e(title)}</h2><table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append(f'</tbody></table><div class="note">{e(note)}</div>')
-    if figs:
-        parts.append("<h2>Plots</h2>")
-        parts += [f'<figure><img src="{e(rel)}" alt="{e(cap)}"><figcaption>{e(cap)}</figcaption></figure>' for cap, rel in figs]
+    for heading, group in (("Training curves", curve_figs), ("Plots", figs)):
+        if group:
+            parts.append(f"<h2>{heading}</h2>")
+            parts += [f'<figure><img src="{e(rel)}" alt="{e(cap)}"><figcaption>{e(cap)}</figcaption></figure>'
+                      for cap, rel in group]
     if results["notes"]:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in results["notes"]) + "</ul>")
     parts.append("<h2>Checkpoints</h2><ul>" + "".join(f"<li><b>{e(p['name'])}</b>: <code>{e(p['source'])}</code></li>" for p in results["policies"]) + "</ul>")
@@ -121,8 +142,8 @@ def html_report(results: dict, figs: list[tuple[str, str]]) -> str:
 
 def write_report(results: dict, scores: dict[str, dict[str, list[float]]], out: str | Path) -> dict[str, Path]:
     out = Path(out)
-    figs = make_plots(results, scores, out)
+    figs, curve_figs = make_plots(results, scores, out), make_curve_plots(results, out)
     md, page = out / "report.md", out / "report.html"
-    md.write_text(markdown(results, figs), encoding="utf-8")
-    page.write_text(html_report(results, figs), encoding="utf-8")
-    return {"markdown": md, "html": page, "plots": [out / rel for _, rel in figs]}
+    md.write_text(markdown(results, figs, curve_figs), encoding="utf-8")
+    page.write_text(html_report(results, figs, curve_figs), encoding="utf-8")
+    return {"markdown": md, "html": page, "plots": [out / rel for _, rel in curve_figs + figs]}

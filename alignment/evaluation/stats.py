@@ -59,6 +59,21 @@ def bootstrap_mean(values: Sequence[float] | np.ndarray, samples: int = 1000, co
     return Estimate(float(v.mean()), float(low), float(high), int(v.size))
 
 
+def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int], samples: int = 1000, confidence: float = 0.95,
+               seed: int = 0) -> Estimate:
+    """exp(sum of NLL / sum of tokens) over texts, CI by resampling texts (the ratio is recomputed per resample, so
+    long texts weigh by their tokens as in the point estimate)."""
+    nll, tokens = np.asarray(nll_sums, dtype=np.float64), np.asarray(token_counts, dtype=np.float64)
+    if nll.size == 0 or tokens.sum() <= 0:
+        raise ValueError("perplexity needs at least one text with a scored token")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, nll.size, size=(samples, nll.size))
+    resampled = np.exp(nll[idx].sum(axis=1) / np.maximum(tokens[idx].sum(axis=1), 1.0))
+    alpha = 1.0 - confidence
+    low, high = np.quantile(resampled, [alpha / 2, 1 - alpha / 2])
+    return Estimate(float(np.exp(nll.sum() / tokens.sum())), float(low), float(high), int(nll.size))
+
+
 def mean_score(scores, samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Estimate:
     """Mean score of a policy, CI by resampling prompts: per-prompt means [P] are bootstrapped."""
     return bootstrap_mean(as_matrix(scores).mean(axis=1), samples, confidence, seed)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignment.distributed import all_reduce_max
+
 
 @dataclass
 class ModelInputs:
@@ -67,14 +69,52 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
-    def micro_batches(self, indices: torch.Tensor, micro_batch_size: int) -> list[torch.Tensor]:
-        """Split `indices` into ceil(n / micro_batch_size) micro-batches of similar total length.
+    def micro_batches(self, indices: torch.Tensor, micro_batch_size: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+        """Split `indices`, sorted by length, into micro-batches.
 
-        The count depends only on n, so every rank runs the same number of forwards (ZeRO-3 needs that).
+        Without `max_tokens`: ceil(n / micro_batch_size) micro-batches of similar length; the count depends only on
+        n, so every rank runs the same number of forwards (ZeRO-3 needs that). With `max_tokens`: as many rows as fit
+        in that many padded tokens (rows x (longest prompt + longest completion), as `model_inputs` pads them; a
+        longer row alone), at most `micro_batch_size`: short answers share a forward, long ones do not drag padding
+        along. The count then depends on the lengths: `distributed_micro_batches` makes it the same on every rank.
         """
-        lengths = torch.tensor([len(self.prompt_ids[i]) + len(self.completion_ids[i]) for i in indices.tolist()])
-        ordered = indices[torch.argsort(lengths, stable=True)]
-        return list(torch.split(ordered, micro_batch_size))
+        rows = indices.tolist()
+        prompt_len = [len(self.prompt_ids[i]) for i in rows]
+        completion_len = [len(self.completion_ids[i]) for i in rows]
+        order = sorted(range(len(rows)), key=lambda k: prompt_len[k] + completion_len[k])  # stable
+        ordered = indices[torch.tensor(order, dtype=torch.long)] if rows else indices
+        if max_tokens is None:
+            return list(torch.split(ordered, micro_batch_size))
+        groups, start, longest_prompt, longest_completion = [], 0, 0, 0
+        for pos, k in enumerate(order):
+            p, c = max(longest_prompt, prompt_len[k]), max(longest_completion, completion_len[k])
+            if pos > start and ((pos - start + 1) * (p + max(c, 1)) > max_tokens or pos - start == micro_batch_size):
+                groups.append(ordered[start:pos])
+                start, p, c = pos, prompt_len[k], completion_len[k]
+            longest_prompt, longest_completion = p, c
+        if rows:
+            groups.append(ordered[start:])
+        return groups
+
+    def distributed_micro_batches(self, indices: torch.Tensor, micro_batch_size: int,
+                                  max_tokens: int | None = None) -> list[torch.Tensor]:
+        """`micro_batches`, with the same count on every rank: a rank with fewer splits its largest micro-batches
+        (by padded tokens) in two until it has as many as the rank with the most. Every rank holds as many rows, so
+        the count never needs to exceed them."""
+        groups = self.micro_batches(indices, micro_batch_size, max_tokens)
+        if max_tokens is None:
+            return groups
+        target = all_reduce_max(len(groups))
+        while len(groups) < target:
+            k = max((g for g in range(len(groups)) if len(groups[g]) > 1), key=lambda g: self.padded_tokens(groups[g]))
+            half = len(groups[k]) // 2
+            groups[k:k + 1] = [groups[k][:half], groups[k][half:]]
+        return groups
+
+    def padded_tokens(self, indices: torch.Tensor) -> int:
+        """Tokens `model_inputs` feeds the model for these rows (padding included)."""
+        rows = indices.tolist()
+        return len(rows) * (max(len(self.prompt_ids[i]) for i in rows) + max(1, max(len(self.completion_ids[i]) for i in rows)))
 
     def model_inputs(self, indices: torch.Tensor, pad_id: int, device: torch.device) -> ModelInputs:
         rows = indices.tolist()

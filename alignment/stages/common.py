@@ -2,11 +2,12 @@
 
 - `setup_distributed()`: makes the HF Trainer see the real world under CPU + DeepSpeed launches.
 - `training_args(...)`: TRL config (SFTConfig / RewardConfig) from our TrainSection / OutputSection.
-- `RunLayout`: where a stage writes: `<output.dir>/{checkpoints,final,metrics.jsonl,tensorboard,recipe.yaml}`.
+- `RunLayout`: where a stage writes: `<output.dir>/{checkpoints,final,metrics.jsonl,<stage>.log,recipe.yaml}` and the
+  trackers' stores (`tensorboard/` by default).
 - `CheckpointCallback`: HF writes each checkpoint non-atomically into a staging dir; once every rank has
   finished writing, rank 0 renames it into `checkpoints/checkpoint-<step>` (so a `checkpoint-*` dir is
   always complete) and prunes old ones. `resume_checkpoint()` finds the latest complete one.
-- `MetricsCallback`: HF logs -> `MetricsLogger` (metrics.jsonl + TensorBoard), namespaced `train/`, `eval/`.
+- `MetricsCallback`: HF logs -> `MetricsLogger` (metrics.jsonl + `output.report_to`), namespaced `train/`, `eval/`.
 - `export_final(...)`: gathered full weights (ZeRO-3 included) in HF safetensors, LoRA merged on request.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alignment import distributed, memory_plan, models
+from alignment import console, distributed, memory_plan, models
 from alignment.checkpoint import atomic_directory, latest_checkpoint, prune, publish
 from alignment.config.sections import ModelSection, OutputSection, TrainSection
 from alignment.config.schema import save_resolved
@@ -84,11 +85,12 @@ def open_output(start: StageStart, recipe, stage: str) -> MetricsLogger:
     """After the data is validated: take the directory's run lock (a second run there stops), clean leftovers of a
     killed run, save the resolved recipe, open the metrics logger. `close_output` ends it."""
     claim_output_dir(start.layout.root)
+    console.keep_log_in(start.layout.root)
     prepare_output(start.layout, recipe.output, start.resume)
     if distributed.is_main():
         save_resolved(recipe, start.layout.root, stage)
         start.plan = memory_plan.announce(stage, recipe)
-    return make_logger(start.layout)
+    return make_logger(start.layout, recipe.output.report_to, resumed=start.resume is not None)
 
 
 def close_output(layout: RunLayout, logger: MetricsLogger) -> None:
@@ -211,8 +213,8 @@ def training_args(config_cls, train: TrainSection, output: OutputSection, layout
         save_total_limit=None,  # CheckpointCallback prunes published checkpoints itself
         logging_steps=output.logging_steps,
         logging_first_step=True,
-        report_to=[],  # MetricsCallback writes TensorBoard and metrics.jsonl
-        disable_tqdm=False,
+        report_to=[],  # MetricsCallback feeds metrics.jsonl and the trackers of output.report_to
+        disable_tqdm=True,  # ConsoleProgress draws the bar on the console; HF's log dicts then go to the stage's log
         dataloader_num_workers=0,
         accelerator_config={"use_configured_state": True} if configured_state else None,
         **extra,
@@ -224,7 +226,7 @@ def train(trainer, resume: Path | None) -> None:
     force_full_weights_on_save(trainer)
     maybe_record_batches(trainer)
     if resume is not None and distributed.is_main():
-        print(f"resuming from {resume}", flush=True)
+        console.say(f"resuming from {resume}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
 
@@ -259,7 +261,7 @@ def _callbacks():
             distributed.barrier()
 
     class MetricsCallback(TrainerCallback):
-        """HF log dicts -> metrics.jsonl / TensorBoard as `train/<key>` and `eval/<key>` at the global step."""
+        """HF log dicts -> metrics.jsonl and the trackers as `train/<key>` and `eval/<key>` at the global step."""
 
         def __init__(self, logger: MetricsLogger):
             self.logger = logger
@@ -294,20 +296,43 @@ def _callbacks():
                 if self.bad >= self.patience:
                     control.should_training_stop = True
 
-    return CheckpointCallback, MetricsCallback, EarlyStoppingOnEvalLoss
+    class ConsoleProgress(TrainerCallback):
+        """One bar on the console for the whole training (rank 0), the latest loss beside it."""
+
+        def __init__(self, desc: str):
+            self.desc, self.bar = desc, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = console.progress(state.max_steps, self.desc, initial=state.global_step,
+                                        disable=not state.is_world_process_zero)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and "loss" in (logs or {}):
+                self.bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return CheckpointCallback, MetricsCallback, EarlyStoppingOnEvalLoss, ConsoleProgress
 
 
 def stage_callbacks(layout: RunLayout, output: OutputSection, train: TrainSection, logger: MetricsLogger) -> list:
-    """[CheckpointCallback, MetricsCallback, (EarlyStopping)]; MetricsCallback.evaluations keeps every evaluation."""
-    CheckpointCallback, MetricsCallback, EarlyStopping = _callbacks()
-    callbacks = [CheckpointCallback(layout, output.save_total_limit), MetricsCallback(logger)]
+    """[CheckpointCallback, MetricsCallback, ConsoleProgress, (EarlyStopping)]; MetricsCallback.evaluations keeps every
+    evaluation."""
+    CheckpointCallback, MetricsCallback, EarlyStopping, ConsoleProgress = _callbacks()
+    callbacks = [CheckpointCallback(layout, output.save_total_limit), MetricsCallback(logger),
+                 ConsoleProgress(layout.root.name)]
     if train.early_stopping_patience is not None:
         callbacks.append(EarlyStopping(train.early_stopping_patience))
     return callbacks
 
 
-def make_logger(layout: RunLayout) -> MetricsLogger:
-    return MetricsLogger(layout.root, console_every=10**12)  # HF's progress bar already prints the logs
+def make_logger(layout: RunLayout, report_to: list[str], resumed: bool) -> MetricsLogger:
+    return MetricsLogger(layout.root, console_every=None,  # the stage's progress bar shows the loss
+                         report_to=report_to, resumed=resumed)
 
 
 # ----------------------------------------------------------------------------- export
@@ -391,7 +416,7 @@ def report_data(layout: RunLayout, report, lines: list[str] = (), **extra) -> No
     """Print the data report (and the stage's own `lines` about its data) and write it, with `extra`, to
     `<output.dir>/data_report.json` (rank 0)."""
     if distributed.is_main():
-        print("\n".join([report.summary(), *lines]), flush=True)
+        console.say(*[report.summary(), *lines])
         (layout.root / "data_report.json").write_text(json.dumps(report.to_dict() | extra, indent=2, default=str))
 
 
@@ -406,7 +431,7 @@ def gold_before(section, model: ModelSection, stage: str, resume, summary: dict,
         before = gold_eval_path(model.name_or_path, section, models.DTYPES[model.dtype])
         summary["gold_before"] = before.mean
         logger.log(0, {"gold/mean": before.mean})
-        print(f"gold metric before {stage}: {before.mean:.4f} on {len(before.scores)} prompts", flush=True)
+        console.say(f"gold metric before {stage}: {before.mean:.4f} on {len(before.scores)} prompts")
     distributed.barrier()
 
 

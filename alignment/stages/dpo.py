@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment import distributed, models
+from alignment import console, distributed, models
 from alignment.config.dpo import DPORecipe
 from alignment.stages import common
 
@@ -184,4 +184,4 @@ def _print_summary(summary: dict, final) -> None:
                      f"pairs; margin mean {e['margin_mean']:.3f}")
     if "gold_after" in summary:
         lines.append(common.gold_line(summary))
-    print("\n".join(lines), flush=True)
+    console.say(*lines)

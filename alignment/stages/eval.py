@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from alignment import console
 from alignment.config.eval import EvalRecipe
 from alignment.config.schema import save_resolved
 from alignment.errors import UserError
 from alignment.evaluation import stats
+from alignment.evaluation.curves import training_runs
 from alignment.evaluation.generation import (
     Policy,
     PolicyGenerator,
@@ -39,6 +41,7 @@ from alignment.evaluation.generation import (
     resolve_policies,
     sequence_logprobs,
 )
+from alignment.evaluation.text_metrics import heldout_texts, reference_scores
 
 
 def run(recipe: EvalRecipe, engine=None) -> dict:
@@ -54,13 +57,15 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
     policies = resolve_policies(recipe.policies, recipe.run)
     reference = _reference(recipe, policies)
     save_resolved(recipe, out, "eval")
+    console.keep_log_in(out)
     n, P = recipe.sampling.samples_per_prompt, len(rows)
     sampling = recipe.sampling.to_config()
-    print(f"eval: {len(policies)} policies x {P} prompts x {n} samples; KL reference: {reference.name}", flush=True)
+    console.say(f"eval: {len(policies)} policies x {P} prompts x {n} samples; KL reference: {reference.name}")
 
     # ---- 2-4. generation, KL, judge (models are loaded one at a time)
     generator = PolicyGenerator(recipe.rollout, seed=recipe.sampling.seed, engine=engine)
     generated: dict[str, dict] = {}
+    perplexity: dict[str, dict] = {}
     notes: list[str] = []
     judge_out = None
     try:
@@ -80,6 +85,8 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
                     lp = sequence_logprobs(model, p_ids, c_ids, recipe.rollout.batch_size)
                     lr = sequence_logprobs(ref_model, p_ids, c_ids, recipe.rollout.batch_size)
                     kl = [a - b for a, b in zip(lp, lr)]
+            if recipe.perplexity is not None:
+                perplexity[policy.name] = _perplexity(recipe, model, tokenizer)
             generated[policy.name] = {
                 "texts": [completion_text(s) for s in samples],
                 "lengths": [len(s.completion_ids) for s in samples],
@@ -87,7 +94,7 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
                 "kl": kl,
                 "weight_version": samples[0].weight_version if samples else None,
             }
-            print(f"  generated {policy.name}", flush=True)
+            console.say(f"  generated {policy.name}")
             del model
         del ref_model
         if recipe.judge is not None and len(policies) >= 2:
@@ -101,6 +108,10 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
     scores: dict[str, dict[str, list[float]]] = {}
     if recipe.gold_metric:
         scores["gold"] = {p.name: _function_scores(recipe.gold_metric, prompts_rep, generated[p.name]["texts"], columns) for p in policies}
+    if rows[0].columns.get(recipe.reference_column) is not None:
+        references = columns[recipe.reference_column]
+        for metric in recipe.reference_metrics:
+            scores[metric] = {p.name: reference_scores(metric, generated[p.name]["texts"], references) for p in policies}
     for spec in recipe.scorers:
         if spec.kind == "function":
             scores[spec.label()] = {p.name: _function_scores(spec.function, prompts_rep, generated[p.name]["texts"], columns) for p in policies}
@@ -124,6 +135,10 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
             "truncation_rate": stats.truncation_rate(g["finish"]),
             "samples": P * n,
         }
+        if p.name in perplexity:
+            ppl = perplexity[p.name]
+            per_policy[p.name]["perplexity"] = stats.perplexity(ppl["nll"], ppl["tokens"], **boot).to_dict()
+            per_policy[p.name]["perplexity_texts_cut"] = ppl["cut"]
     win_rates = {
         s: [{"a": a.name, "b": b.name, **stats.win_rate(np.reshape(scores[s][a.name], (P, n)), np.reshape(scores[s][b.name], (P, n)), **boot).to_dict()}
             for a, b in combinations(policies, 2)]
@@ -140,12 +155,15 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
         curve = [{"name": p.name, "step": p.step, "kl": per_policy[p.name]["kl"]["value"],
                   "score": per_policy[p.name]["scores"][primary]["value"]} for p in sorted(stepped, key=lambda p: p.step)]
 
+    policy_rows = [p.to_dict() for p in policies]
     results = {
         "prompts": {"path": recipe.prompts.path, "count": P, "ids": [r.id for r in rows]},
         "sampling": sampling.to_dict(),
         "engine": recipe.rollout.engine,
         "reference": reference.to_dict(),
-        "policies": [p.to_dict() for p in policies],
+        "policies": policy_rows,
+        "runs": training_runs(policy_rows),
+        "perplexity_texts": recipe.perplexity.path if recipe.perplexity is not None else None,
         "scorers": list(scores),
         "primary": primary,
         "per_policy": per_policy,
@@ -176,6 +194,16 @@ def _reference(recipe: EvalRecipe, policies: list[Policy]) -> Policy:
         return Policy(default_name(recipe.reference), recipe.reference, None, recipe.reference)
     names = ", ".join(p.name for p in policies)
     raise UserError(f"reference: '{recipe.reference}' is neither a policy name ({names}) nor a checkpoint path")
+
+
+def _perplexity(recipe: EvalRecipe, model, tokenizer) -> dict:
+    """Per-text NLL sums and scored-token counts of one policy on the held-out texts (rows with no scored token left
+    out), and how many texts were cut to perplexity.max_length."""
+    texts = heldout_texts(recipe.perplexity, tokenizer)
+    kept = [i for i, ids in enumerate(texts.scored_ids) if ids]
+    prompt_ids, scored_ids = [texts.prompt_ids[i] for i in kept], [texts.scored_ids[i] for i in kept]
+    logps = sequence_logprobs(model, prompt_ids, scored_ids, recipe.rollout.batch_size)
+    return {"nll": [-lp for lp in logps], "tokens": [len(ids) for ids in scored_ids], "cut": texts.cut}
 
 
 def _function_scores(spec: str, prompts: list, completions: list[str], columns: dict) -> list[float]:
@@ -223,9 +251,17 @@ def _write_samples(path: Path, rows, n: int, policies, generated, scores) -> Non
 
 def _print_summary(results: dict, out: Path, files: dict, elapsed: float) -> None:
     primary = results["primary"]
+    conf = f"{results['stats']['confidence']:.0%}"
     lines = [f"eval done in {elapsed:.1f} s; report: {files['markdown']} and {files['html']}"]
     for name, r in results["per_policy"].items():
         score = f"{primary} {stats.Estimate(**r['scores'][primary]).fmt()}" if primary else ""
         kl = f"  KL {r['kl']['value']:.3f}" if r["kl"] else ""
-        lines.append(f"  {name}: {score}{kl}  length {r['length']['value']:.1f}  truncated {r['truncation_rate']:.1%}")
-    print("\n".join(lines), flush=True)
+        ppl = f"  perplexity {r['perplexity']['value']:.2f}" if r.get("perplexity") else ""
+        lines.append(f"  {name}: {score}{kl}  length {r['length']['value']:.1f}  truncated {r['truncation_rate']:.1%}{ppl}")
+    pairs = results["win_rates"].get(primary) or []
+    if pairs:  # each later policy over each earlier one: a pipeline's policies come in training order
+        lines.append(f"win rates by {primary} ({conf} CI; a tie counts half):")
+        width = max(len(p["b"]) for p in pairs)
+        lines += [f"  {p['b']:>{width}} over {p['a']}: {stats.Estimate(1 - p['value'], 1 - p['high'], 1 - p['low'], p['n']).fmt()}"
+                  for p in pairs]
+    console.say(*lines)

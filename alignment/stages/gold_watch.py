@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from alignment import console
 from alignment.distributed import broadcast_from_main
 from alignment.ppo.overoptimization import OveroptimizationWatch
 
@@ -33,7 +34,7 @@ class GoldWatch:
             then = ("stopping here (overoptimization.on_detect: stop)" if stop else
                     "raise algorithm.kl.coef, clip or ensemble the reward, or stop at the best gold "
                     "(overoptimization.keep_best, on_detect: stop)")
-            print(f"WARNING: step {step}: {finding.describe()}; {then}", flush=True)
+            console.say(f"WARNING: step {step}: {finding.describe()}; {then}")
         self.holding = finding is not None
         return stop
 

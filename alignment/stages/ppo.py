@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from alignment import checkpoint as ckpt
+from alignment import checkpoint as ckpt, console
 from alignment import memory_plan
 from alignment.config.ppo import PPORecipe
 from alignment.config.schema import save_resolved
@@ -68,6 +67,14 @@ from alignment.ppo import (
     truncated_is_weights,
 )
 from alignment.ppo.batch import RolloutBatch
+from alignment.ppo.dynamic_sampling import (
+    groups_to_train,
+    keep_groups,
+    overlong_penalty,
+    refill_seed_offset,
+    refill_size,
+    uncut_weights,
+)
 from alignment.ppo.forward import TokenValueModel, critic_forward, critic_output_affine, policy_forward
 from alignment.run_lock import claim_output_dir, unlock_output_dir
 from alignment.stages.gold_watch import GoldWatch
@@ -90,7 +97,7 @@ from rollout import SamplingConfig
 from rollout.weight_sync import named_tensors, sync_weights
 
 CONSOLE_KEYS = ["ppo/reward", "ppo/gold", "eval/gold", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/value_loss",
-                "ppo/logprob_mismatch", "time/step"]  # every metric goes to metrics.jsonl and TensorBoard
+                "ppo/logprob_mismatch", "time/step"]  # every metric goes to metrics.jsonl and the trackers
 
 
 @dataclass
@@ -145,11 +152,11 @@ def run(recipe: PPORecipe, engine=None) -> None:
     plan = None
     if rank == 0:
         for warning in ignored_accelerate_settings(recipe.policy.dtype):
-            print(f"warning: the accelerate config's {warning}", flush=True)
+            console.say(f"warning: the accelerate config's {warning}")
         if recipe.policy.lora is not None and recipe.policy.lora.dropout > 0:
-            print(f"warning: policy.lora.dropout={recipe.policy.lora.dropout} is not applied: PPO trains with every "
-                  "dropout off (the ratio to the old policy and the rollout engine's log-probs need a deterministic "
-                  "policy)", flush=True)
+            console.say(f"warning: policy.lora.dropout={recipe.policy.lora.dropout} is not applied: PPO trains with every "
+                        "dropout off (the ratio to the old policy and the rollout engine's log-probs need a deterministic "
+                        "policy)")
         plan = memory_plan.announce("ppo", recipe, prompt_tokens=max(len(ids) for ids in prompt_ids))
     with zero3_init(zero, DTYPES[recipe.policy.dtype]):  # models built sharded when the config asks (zero3_init_flag)
         policy_model = _policy_model(recipe, zero)
@@ -187,6 +194,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
     state = LoopState()
     # Models and data are good: from here on this run owns output.dir (a second run there stops now).
     claim_output_dir(out)
+    console.keep_log_in(out)
     # Rank 0 decides: a rank that looked on its own disk could pick another checkpoint (or none) and hang the others.
     latest = broadcast_from_main(ckpt.latest_checkpoint(out / "checkpoints") if recipe.output.resume and rank == 0 else None)
     if latest is not None:
@@ -203,18 +211,18 @@ def run(recipe: PPORecipe, engine=None) -> None:
         save_resolved(recipe, out, "ppo")
         ckpt.clean_partial(out / "checkpoints")
         truncate_metrics(out / "metrics.jsonl", state.step)
-        print(f"ppo: {len(prompts)} prompts, {world} process(es), ZeRO stage {zero.stage}, advantage {algo.advantage}"
-              + (f", resumed at step {state.step} from {latest}" if latest else ""), flush=True)
+        console.say(f"ppo: {len(prompts)} prompts, {world} process(es), ZeRO stage {zero.stage}, advantage {algo.advantage}"
+                    + (f", resumed at step {state.step} from {latest}" if latest else ""))
         if recipe.rollout.async_generation and algo.kl.placement == "reward" and algo.kl.coef > 0:
-            print("warning: with rollout.async_generation the KL leash in the reward acts one step late (advantages come "
-                  "from the previous policy's samples); algorithm.kl.placement: loss is steadier (recipes/tiny/ppo_async.yaml)",
-                  flush=True)
+            console.say("warning: with rollout.async_generation the KL leash in the reward acts one step late (advantages come "
+                        "from the previous policy's samples); algorithm.kl.placement: loss is steadier (recipes/tiny/ppo_async.yaml)")
     logger = MetricsLogger(out, console_every=recipe.output.logging_steps, console_keys=CONSOLE_KEYS,
-                           console_namespace="ppo/")
-    progress = tqdm(total=train.steps, initial=state.step, desc="ppo", disable=rank != 0)
+                           console_namespace="ppo/", report_to=recipe.output.report_to, resumed=latest is not None)
+    progress = console.progress(train.steps, "ppo", initial=state.step, disable=rank != 0)
     last_metrics: dict[str, float] = {}
     stopped_at = None  # the step at which overoptimization.on_detect: stop ended training
     warned_trim = False
+    skipped_without_signal = 0  # steps skipped for want of anything to learn from (dynamic sampling, overlong filter)
     rollouts = RolloutSchedule(engine, prompt_ids, sampling_cfg, ahead=recipe.rollout.async_generation) if rank == 0 else None
 
     while state.step < train.steps:
@@ -224,42 +232,114 @@ def run(recipe: PPORecipe, engine=None) -> None:
 
         # ---- 1. rollouts: rank 0 generates for all ranks, each rank keeps its own prompts' samples.
         # Async mode: rank 0 then starts the next step's generation, which runs while this step scores and trains.
-        rows = _next_prompt_rows(state, len(prompts), train.prompts_per_step, train.seed)
-        samples, generate_seconds = None, 0.0
-        if rank == 0:
-            step_rollouts = rollouts.get(step, rows)
-            samples, generate_seconds = step_rollouts.samples, step_rollouts.generate_seconds
-            if recipe.rollout.sleep:  # the GPU is the trainer's until the sync (the engine's weights are dropped)
+        step_metrics: dict[str, float] = {}  # the DAPO options' metrics (none while they are off)
+        if algo.dynamic_sampling.enabled:
+            # Dynamic sampling: the keep/drop decision needs the rewards of every candidate group, but rewards are
+            # scored by every rank (reward models are sharded like the reference under ZeRO-3, so scoring is a
+            # collective, and each rank scores an equal share). So: rank 0 generates a round of candidates, all ranks
+            # get all of them (the broadcast the loop makes anyway), each scores its equal slice, and the raw rewards
+            # (and reward terms) are all-gathered. Every rank then holds the same rewards bit for bit and takes the
+            # same decision without another message; the kept groups are dealt out to the ranks with their rewards
+            # (never scored twice). Refill rounds take the next prompts of the same stream (`state`), so a resumed run
+            # draws the same prompts.
+            drawn = _draw_groups_with_signal(step, state, rank, world, engine, rollouts, reward, recipe, prompt_ids,
+                                             prompt_columns, label_columns)
+            generate_seconds = drawn.generate_seconds
+            if not drawn.finite:  # before anything learns from it (the running statistics included)
+                _skip_step(state, progress, train.max_bad_steps, rank, "NaN/inf rewards")
+                continue
+            if drawn.groups < train.prompts_per_step and rank == 0:
+                console.say(f"warning: step {step}: dynamic sampling found {drawn.groups_with_signal} of "
+                            f"{train.prompts_per_step} groups with varied rewards in "
+                            f"{algo.dynamic_sampling.max_rounds} extra round(s) (algorithm.dynamic_sampling.max_rounds); "
+                            + (f"training on {drawn.groups}" if drawn.groups else "the step is skipped"))
+            if drawn.groups == 0:  # fewer groups with signal than processes: nothing every rank could train on alike
+                skipped_without_signal += 1
+                _skip_step_without_signal(state, progress, rank, skipped_without_signal)
+                continue
+            if rank == 0 and recipe.rollout.sleep:  # as below: the GPU is the trainer's until the sync
                 engine.sleep()
-            if step + 1 < train.steps:  # peek at the next rows; `state` moves on when that step takes them
-                rollouts.prefetch(step + 1, _next_prompt_rows(replace(state), len(prompts), train.prompts_per_step, train.seed))
-        samples = broadcast_from_main(samples)
-        per_rank = train.prompts_per_step // world
-        local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
-        local_rows = [rows[s.prompt_index] for s in samples[local]]
-        batch = RolloutBatch.from_samples(samples[local], local_rows)
-        timings["generate"] = time.perf_counter() - t0
+            step_metrics.update(drawn.metrics)
+            step_metrics["dynamic/skipped_steps"] = float(skipped_without_signal)  # in this run, so far
+            step_metrics.update({f"reward/{k}_prompt_trimmed": n / drawn.scored for k, n in drawn.trimmed.items()})
+            per_rank = drawn.groups // world
+            local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
+            local_rows = drawn.rows[local]
+            batch = RolloutBatch.from_samples(drawn.samples[local], local_rows)
+            timings["generate"] = time.perf_counter() - t0  # the candidates' rewards included
 
-        # ---- 2. scoring: rewards, log-probs before the update, reference log-probs, values
-        t1 = time.perf_counter()
-        texts = [s.text for s in samples[local]]
-        columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
-        local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
-        raw, parts = reward(local_prompts, texts, columns)
-        if any_rank(not finite(raw)):  # before anything learns from it (the running statistics included)
-            _skip_step(state, progress, train.max_bad_steps, rank, "NaN/inf rewards")
+            # ---- 2. scoring: rewards (those of the draw), log-probs before the update, reference log-probs, values
+            t1 = time.perf_counter()
+            texts = [s.text for s in drawn.samples[local]]
+            columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
+            local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
+            raw, parts = drawn.raw[local], {k: v[local] for k, v in drawn.parts.items()}
+            if any(drawn.trimmed.values()) and not warned_trim:
+                warned_trim = True
+                console.say(f"warning: rank {rank}, step {step}: {sum(drawn.trimmed.values())} rollout(s) exceed the "
+                            "reward model's max_length; their prompts were trimmed from the left so the whole answer is "
+                            "scored (share per step: reward/*_prompt_trimmed)")
+        else:
+            rows = _next_prompt_rows(state, len(prompts), train.prompts_per_step, train.seed)
+            samples, generate_seconds = None, 0.0
+            if rank == 0:
+                step_rollouts = rollouts.get(step, rows)
+                samples, generate_seconds = step_rollouts.samples, step_rollouts.generate_seconds
+                if recipe.rollout.sleep:  # the GPU is the trainer's until the sync (the engine's weights are dropped)
+                    engine.sleep()
+                if step + 1 < train.steps:  # peek at the next rows; `state` moves on when that step takes them
+                    rollouts.prefetch(step + 1, _next_prompt_rows(replace(state), len(prompts), train.prompts_per_step, train.seed))
+            samples = broadcast_from_main(samples)
+            per_rank = train.prompts_per_step // world
+            local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
+            local_rows = [rows[s.prompt_index] for s in samples[local]]
+            batch = RolloutBatch.from_samples(samples[local], local_rows)
+            timings["generate"] = time.perf_counter() - t0
+
+            # ---- 2. scoring: rewards, log-probs before the update, reference log-probs, values
+            t1 = time.perf_counter()
+            texts = [s.text for s in samples[local]]
+            columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
+            local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
+            raw, parts = reward(local_prompts, texts, columns)
+            if any_rank(not finite(raw)):  # before anything learns from it (the running statistics included)
+                _skip_step(state, progress, train.max_bad_steps, rank, "NaN/inf rewards")
+                continue
+            if any(reward.trimmed.values()) and not warned_trim:
+                warned_trim = True
+                console.say(f"warning: rank {rank}, step {step}: {sum(reward.trimmed.values())} rollout(s) exceed the reward model's "
+                            "max_length; their prompts were trimmed from the left so the whole answer is scored (share per step: "
+                            "reward/*_prompt_trimmed)")
+        if algo.overlong.filter and all_reduce_sum(float(uncut_weights(batch.finish_reasons).sum())) == 0:
+            # Every answer of the step was cut: overlong filtering leaves no loss weight at all (token_mean would divide
+            # by zero tokens). No update, so a sleeping engine needs its weights back before the next generation.
+            if recipe.rollout.sleep:
+                if rank == 0:
+                    engine.wake_up(["weights"])
+                sync_weights(engine, policy, version=step + 1)
+                if rank == 0:
+                    engine.wake_up(["kv_cache"])
+            skipped_without_signal += 1
+            _skip_step_without_signal(state, progress, rank, skipped_without_signal, "every answer was cut at "
+                                      "max_new_tokens and algorithm.overlong.filter leaves them no loss weight")
             continue
-        if any(reward.trimmed.values()) and not warned_trim:
-            warned_trim = True
-            print(f"warning: rank {rank}, step {step}: {sum(reward.trimmed.values())} rollout(s) exceed the reward model's "
-                  "max_length; their prompts were trimmed from the left so the whole answer is scored (share per step: "
-                  "reward/*_prompt_trimmed)", flush=True)
         if running_reward is not None:
             running_reward.update(gather_across_ranks(raw))  # the same statistics on every rank
-        batch.scores = scores = shape_scores(raw, batch.finish_reasons, algo, running_reward)
-        _score_tokens(batch, policy, reference, critic, tokenizer.pad_token_id, dev, temperature, algo.micro_batch_size)
+        length_penalty = None  # DAPO's soft overlong punishment, next to the truncation penalty (see shape_scores)
+        if algo.overlong.buffer is not None:
+            length_penalty = overlong_penalty(torch.tensor([len(c) for c in batch.completion_ids]),
+                                              sampling_cfg.max_new_tokens, algo.overlong.buffer, algo.overlong.penalty_factor)
+            step_metrics["ppo/overlong_penalty"] = float(length_penalty.mean())
+        batch.scores = scores = shape_scores(raw, batch.finish_reasons, algo, running_reward, length_penalty)
+        train_actor = critic is None or step >= algo.critic_warmup_steps
+        # Exactly on-policy and nothing needs them before the update: the log-probs of the policy before it are those
+        # of its one training forward, which provides them (no scoring forward of the policy).
+        old_logp_from_training = train_actor and old_logprobs_come_from_training(recipe)
+        _score_tokens(batch, policy, reference, critic, tokenizer.pad_token_id, dev, temperature, algo,
+                      with_policy=not old_logp_from_training)
         mask = batch.mask
-        kl_tokens = kl_fn(batch.old_logp, batch.ref_logp) * mask
+        # The per-token KL of the reward (zero when the policy's log-probs come from training: KL is in the loss then)
+        kl_tokens = kl_fn(batch.old_logp, batch.ref_logp) * mask if not old_logp_from_training else torch.zeros_like(mask)
         timings["score"] = time.perf_counter() - t1
 
         # ---- 3. advantages (KL in the reward: subtracted per token; in the loss: added to the policy loss)
@@ -267,15 +347,29 @@ def run(recipe: PPORecipe, engine=None) -> None:
         params = AdvantageParams(gamma=algo.gamma, lam=algo.lam, kl_coef=kl_in_reward, group_size=group,
                                  sum_across_ranks=sum_across_ranks if world > 1 else None)
         batch.advantages, batch.returns = estimator.compute(batch.scores, kl_tokens, mask, batch.values, params)
-        healthy = finite(batch.scores, batch.advantages, batch.old_logp, batch.ref_logp)
+        healthy = finite(batch.scores, batch.advantages, batch.ref_logp, *([] if old_logp_from_training else [batch.old_logp]))
         if any_rank(not healthy):
             _skip_step(state, progress, train.max_bad_steps, rank, "NaN/inf in scores, log-probs or advantages")
             continue
+        if algo.overlong.filter:
+            # DAPO's overlong filtering: answers cut at max_new_tokens get no loss weight. Their rows of the loss mask
+            # are zeroed now, after scoring and advantages: they still counted in their group's baseline (their reward
+            # is real, if unfinished) and in the metrics below (which read `mask`, the unfiltered mask). In training,
+            # the zeroed rows drop out of every term that reads batch.mask: the policy loss, KL in the loss (no leash
+            # on a sample that teaches nothing), the entropy bonus and, with a critic, the value loss (an unfinished
+            # answer's score is no return of its states). The normaliser: token_mean counts the kept tokens only;
+            # seq_mean_* still count the cut sequences (zero loss), as the window's sequence count is fixed per rank.
+            uncut = uncut_weights(batch.finish_reasons)
+            step_metrics["ppo/overlong_filtered"] = float(1.0 - uncut.mean())
+            batch.mask = batch.mask * uncut[:, None]
 
         # ---- 4. PPO epochs over minibatches (one optimizer step each), micro-batched
         t2 = time.perf_counter()
         train_stats = _train_on_batch(batch, policy, critic, recipe, kl_ctl.coef, kl_fn, tokenizer.pad_token_id, dev,
-                                      temperature, train_actor=critic is None or step >= algo.critic_warmup_steps, generator_seed=train.seed * 7919 + step)
+                                      temperature, train_actor=train_actor, generator_seed=train.seed * 7919 + step,
+                                      old_logp_from_training=old_logp_from_training)
+        if old_logp_from_training:
+            kl_tokens = kl_fn(batch.old_logp, batch.ref_logp) * mask  # for the metrics
         bad_micro_batches = train_stats.pop("bad_micro_batches")
         if bad_micro_batches > 0:
             _count_bad_step(state, train.max_bad_steps, rank,
@@ -317,6 +411,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             "rollout/staleness": float(step - batch.weight_version),
             "memory/peak_gib": memory_plan.peak_bytes() / memory_plan.GiB,
             **train_stats,
+            **step_metrics,
         }
         if gold is not None:
             metrics["ppo/gold"] = float(np.mean(gold(prompts=local_prompts, completions=texts, **columns)))
@@ -365,11 +460,25 @@ def run(recipe: PPORecipe, engine=None) -> None:
         if gold_watch is not None and gold_watch.best_step is not None:
             summary["best"] = {"step": gold_watch.best_step, "eval/gold": gold_watch.best_gold, "dir": str(out / "best")}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(summary, out)
     barrier()
     logger.close()
     unlock_output_dir(out)
     if rank == 0 and owns_engine:
         engine.close()
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    last = summary["final_metrics"]
+    shown = {"reward": "ppo/reward", "gold": "ppo/gold", "eval gold": "eval/gold", "KL": "ppo/kl"}
+    lines = [f"PPO done: {summary['steps']} steps; policy written to {out / 'final'}",
+             "  last step: " + ", ".join(f"{name} {last[key]:.4g}" for name, key in shown.items() if key in last)]
+    if "stopped_at_step" in summary:
+        lines.append(f"  stopped at step {summary['stopped_at_step']['step']}: {summary['stopped_at_step']['reason']}")
+    if "best" in summary:
+        lines.append(f"  best eval gold {summary['best']['eval/gold']:.4f} at step {summary['best']['step']}, kept in "
+                     f"{summary['best']['dir']}")
+    console.say(*lines)
 
 
 def _policy_model(recipe: PPORecipe, zero: ZeroSettings) -> torch.nn.Module:
@@ -396,38 +505,180 @@ def _count_bad_step(state: LoopState, max_bad_steps: int, rank: int, what: str) 
     """Warn about a step with NaN/inf values; stop the run once `max_bad_steps` such steps come in a row."""
     state.bad_steps += 1
     if rank == 0:
-        print(f"warning: step {state.step}: {what} ({state.bad_steps} in a row)", flush=True)
+        console.say(f"warning: step {state.step}: {what} ({state.bad_steps} in a row)")
     if state.bad_steps >= max_bad_steps:
         raise UserError(f"stopping: {state.bad_steps} consecutive steps had NaN/inf rewards or losses (see metrics.jsonl)")
+
+
+def _skip_step_without_signal(state: LoopState, progress, rank: int, skipped: int,
+                              what: str = "dynamic sampling kept fewer groups with varied rewards than processes") -> None:
+    """Leave out a step that has nothing to learn from (not a bad step: nothing was NaN): no update, no sync."""
+    if rank == 0:
+        console.say(f"warning: step {state.step}: {what}; step skipped ({skipped} in this run; metric "
+                    "dynamic/skipped_steps)")
+    state.step += 1
+    progress.update(1)
+
+
+# --------------------------------------------------------------------------------------------- dynamic sampling
+
+
+@dataclass
+class _DrawnGroups:
+    """What dynamic sampling drew for one step: the groups to train on (the same on every rank), with their rewards."""
+
+    samples: list  # rollout.Sample of the groups to train on, group after group
+    rows: list[int]  # the prompt row of each of those samples
+    raw: torch.Tensor  # [n] their raw rewards
+    parts: dict[str, torch.Tensor]  # their reward terms, [n] each
+    groups: int  # groups to train on (0: none)
+    groups_with_signal: int  # groups with varied scores found (those beyond `groups` are left unused)
+    trimmed: dict[str, int]  # this rank's candidates whose prompt a reward model trimmed, per term
+    scored: int  # candidates this rank scored
+    generate_seconds: float
+    metrics: dict[str, float]
+    finite: bool  # false: some reward was NaN/inf (the draw stopped there)
+
+
+def _draw_groups_with_signal(step: int, state: LoopState, rank: int, world: int, engine, rollouts: RolloutSchedule | None,
+                             reward, recipe: PPORecipe, prompt_ids: list[list[int]], prompt_columns: dict,
+                             label_columns: list[str]) -> _DrawnGroups:
+    """DAPO's dynamic sampling for step `step`: round 0 generates the step's prompts as the plain loop does (same rows,
+    same seeds); while fewer than prompts_per_step groups have varied scores, up to `max_rounds` extra rounds draw
+    more prompts from the stream. Every rank takes part in every round (the reward scoring and the gather are
+    collectives) and returns the same draw. See the comment at the call for the cross-rank design."""
+    algo, train, sampling = recipe.algorithm, recipe.train, recipe.rollout.sampling
+    group, target, max_rounds = sampling.samples_per_prompt, train.prompts_per_step, algo.dynamic_sampling.max_rounds
+    kept_samples: list = []
+    kept_rows: list[int] = []
+    kept_raw: list[torch.Tensor] = []
+    kept_parts: dict[str, list[torch.Tensor]] = {}
+    trimmed: dict[str, int] = {}
+    generated = kept = scored = 0
+    all_raw: list[torch.Tensor] = []
+    generate_seconds = 0.0
+    finite_rewards = True
+    extra_rounds = 0
+    for round_ in range(max_rounds + 1):
+        if round_ == 0:
+            rows = _next_prompt_rows(state, len(prompt_ids), target, train.seed)
+        else:
+            extra_rounds = round_
+            rows = _next_prompt_rows(state, len(prompt_ids), refill_size(target - kept, kept, generated, target, world),
+                                     train.seed)
+        samples = None
+        if rank == 0:
+            if round_ == 0:  # the step's own rows and seeds, exactly as without dynamic sampling
+                step_rollouts = rollouts.get(step, rows)
+                samples, seconds = step_rollouts.samples, step_rollouts.generate_seconds
+            else:
+                start = time.perf_counter()
+                offset = refill_seed_offset(step, round_, train.steps, max_rounds, target, group)
+                samples = engine.generate([prompt_ids[r] for r in rows], sampling.to_config(seed_offset=offset))
+                seconds = time.perf_counter() - start
+            generate_seconds += seconds
+        samples = broadcast_from_main(samples)
+        sample_rows = [rows[s.prompt_index] for s in samples]
+        # This rank scores its equal slice of the candidates; the gather gives every rank all their rewards.
+        per_rank = len(rows) // world * group
+        local = slice(rank * per_rank, (rank + 1) * per_rank)
+        local_rows = sample_rows[local]
+        raw, parts = reward([prompt_columns["prompt"][r] for r in local_rows], [s.text for s in samples[local]],
+                            {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns})
+        for name, n in reward.trimmed.items():
+            trimmed[name] = trimmed.get(name, 0) + n
+        scored += per_rank
+        raw = gather_across_ranks(raw)
+        parts = {name: gather_across_ranks(values) for name, values in parts.items()}
+        generated += len(rows)
+        all_raw.append(raw)
+        if not finite(raw):  # the same on every rank: the rewards are the gathered ones
+            finite_rewards = False
+            break
+        # The scores the advantage compares, up to the running normalisation (an affine map, the same for the whole
+        # step, which neither makes equal scores differ nor different ones equal): the raw reward with the length
+        # penalties. The reward clip is left out (it can only make more groups equal).
+        finish_reasons = [s.finish_reason for s in samples]
+        scores = raw.clone()
+        if algo.truncation_penalty is not None:
+            scores = penalize_truncated(scores, finish_reasons, algo.truncation_penalty)
+        if algo.overlong.buffer is not None:
+            scores = scores + overlong_penalty(torch.tensor([len(s.completion_ids) for s in samples]),
+                                               sampling.max_new_tokens, algo.overlong.buffer, algo.overlong.penalty_factor)
+        trainable = uncut_weights(finish_reasons).bool().view(-1, group) if algo.overlong.filter else None
+        keep = keep_groups(scores.view(-1, group), trainable)
+        for g in keep.nonzero().flatten().tolist():
+            members = slice(g * group, (g + 1) * group)
+            kept_samples += samples[members]
+            kept_rows += sample_rows[members]
+            kept_raw.append(raw[members])
+            for name, values in parts.items():
+                kept_parts.setdefault(name, []).append(values[members])
+        kept += int(keep.sum())
+        if kept >= target:
+            break
+    n_train = groups_to_train(kept, target, world) if finite_rewards else 0
+    n = n_train * group
+    candidates = torch.cat(all_raw)
+    metrics = {
+        "dynamic/kept_groups": float(n_train),
+        "dynamic/dropped_groups": float(generated - kept),  # no signal: all scores equal (or, filtered, all cut)
+        "dynamic/unused_groups": float(kept - n_train),  # with signal, beyond the step's batch
+        "dynamic/extra_rounds": float(extra_rounds),
+        "dynamic/generated_samples": float(generated * group),
+        "dynamic/candidate_reward": float(candidates.mean()),  # the policy's reward, before the filter picks
+    }
+    return _DrawnGroups(
+        samples=kept_samples[:n], rows=kept_rows[:n],
+        raw=torch.cat(kept_raw)[:n] if kept_raw else torch.zeros(0),
+        parts={name: torch.cat(values)[:n] for name, values in kept_parts.items()},
+        groups=n_train, groups_with_signal=kept, trimmed=trimmed, scored=scored, generate_seconds=generate_seconds,
+        metrics=metrics, finite=finite_rewards)
 
 
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def shape_scores(raw: torch.Tensor, finish_reasons: list[str], algo, running_reward: RunningMoments | None) -> torch.Tensor:
+def shape_scores(raw: torch.Tensor, finish_reasons: list[str], algo, running_reward: RunningMoments | None,
+                 length_penalty: torch.Tensor | None = None) -> torch.Tensor:
     """From the reward's raw scores [B] to the scores PPO optimises: standardised by the running moments (when on),
-    minus the truncation penalty for answers cut at max_new_tokens, then clipped."""
+    minus the truncation penalty for answers cut at max_new_tokens, plus `length_penalty` [B] (<= 0: DAPO's soft
+    overlong punishment, algorithm.overlong.buffer), then clipped. Both length terms are in score units after the
+    normalisation, and both apply to a cut answer; the clip bounds their sum with the reward."""
     scores = raw.clone()
     if running_reward is not None:
         scores = normalize_scores(scores, running_reward.mean, running_reward.std)
     if algo.truncation_penalty is not None:
         scores = penalize_truncated(scores, finish_reasons, algo.truncation_penalty)
+    if length_penalty is not None:
+        scores = scores + length_penalty.to(scores.dtype)
     if algo.reward_clip is not None:
         scores = clip_scores(scores, algo.reward_clip)
     return scores
 
 
+def old_logprobs_come_from_training(recipe: PPORecipe) -> bool:
+    """Whether the policy's log-probs before the update can come from its training forward: one epoch of one
+    minibatch on samples of the current weights (synchronous generation) is exactly on-policy, and nothing reads them
+    before training when KL sits in the loss (or has no weight)."""
+    algo = recipe.algorithm
+    kl_in_reward = algo.kl.placement == "reward" and (algo.kl.coef > 0 or algo.kl.target is not None)
+    return algo.epochs == 1 and algo.minibatches == 1 and not recipe.rollout.async_generation and not kl_in_reward
+
+
 @torch.no_grad()
-def _score_tokens(batch, policy, reference, critic, pad_id, dev, temperature, micro_batch_size) -> None:
-    """Fill old_logp (policy before the update), ref_logp, values and the policy entropy, micro-batched."""
+def _score_tokens(batch, policy, reference, critic, pad_id, dev, temperature, algo, with_policy: bool = True) -> None:
+    """Fill old_logp (policy before the update) and the policy's entropy (unless `with_policy` is False: training
+    fills them), ref_logp and values, micro-batched."""
     B, T = batch.mask.shape
     batch.old_logp, batch.ref_logp, entropy = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
     batch.values = torch.zeros(B, T) if critic is not None else None
-    for idx in batch.micro_batches(torch.arange(B), micro_batch_size):
+    for idx in batch.distributed_micro_batches(torch.arange(B), algo.micro_batch_size, algo.micro_batch_tokens):
         inputs = batch.model_inputs(idx, pad_id, dev)
         n = inputs.completion_len
-        logp, ent = policy_forward(policy, inputs, temperature, with_entropy=True)
-        batch.old_logp[idx, :n], entropy[idx, :n] = logp.cpu(), ent.cpu()
+        if with_policy:
+            logp, ent = policy_forward(policy, inputs, temperature, with_entropy=True)
+            batch.old_logp[idx, :n], entropy[idx, :n] = logp.cpu(), ent.cpu()
         batch.ref_logp[idx, :n] = policy_forward(reference, inputs, temperature)[0].cpu()
         if critic is not None:
             batch.values[idx, :n] = critic_forward(critic, inputs).cpu()
@@ -439,19 +690,24 @@ def _score_tokens(batch, policy, reference, critic, pad_id, dev, temperature, mi
 # --------------------------------------------------------------------------------------------- training
 
 
-def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, temperature, train_actor, generator_seed) -> dict:
+def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, temperature, train_actor, generator_seed,
+                    old_logp_from_training: bool = False) -> dict:
     """PPO epochs: each epoch shuffles this rank's samples into `minibatches` optimizer steps.
 
     Losses are reduced over the whole accumulation window (all micro-batches of a minibatch, on all
     ranks), so `engine.backward(loss, scale_wrt_gas=False)` sums exactly to the window's loss.
+    `old_logp_from_training` (one epoch, one minibatch: see `old_logprobs_come_from_training`): the policy's forward
+    gives the log-probs before the update (ratio 1, the on-policy gradient) and fills `batch.old_logp` and
+    `batch.entropy` with them.
     """
     algo = recipe.algorithm
     world = dist.get_world_size()
     gen = torch.Generator().manual_seed(generator_seed)
-    stats: dict[str, list[float]] = {}
+    stats: dict[str, list[tuple[float, float]]] = {}
     bad_micro_batches = skipped_steps = 0
     is_weights = (
-        truncated_is_weights(batch.old_logp, batch.sampler_logp, algo.tis_cap) if algo.tis_cap is not None else None
+        truncated_is_weights(batch.old_logp, batch.sampler_logp, algo.tis_cap)
+        if algo.tis_cap is not None and not old_logp_from_training else None
     )
     for _ in range(algo.epochs):
         for minibatch in torch.randperm(len(batch), generator=gen).chunk(algo.minibatches):
@@ -460,7 +716,7 @@ def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, 
             # One optimizer step per model per minibatch; a window whose micro-batches were all NaN/inf takes none.
             actor_window = AccumulationWindow(policy) if train_actor else None
             critic_window = AccumulationWindow(critic) if critic is not None else None
-            for idx in batch.micro_batches(minibatch, algo.micro_batch_size):
+            for idx in batch.distributed_micro_batches(minibatch, algo.micro_batch_size, algo.micro_batch_tokens):
                 inputs = batch.model_inputs(idx, pad_id, dev)
                 n = inputs.completion_len
                 mask = batch.mask[idx, :n].to(dev)
@@ -469,10 +725,18 @@ def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, 
                     return aggregate_loss(per_token, mask, algo.loss_aggregation, window_tokens, window_seqs)
 
                 if actor_window is not None:
-                    logp, entropy = policy_forward(policy, inputs, temperature, with_entropy=algo.entropy_coef > 0)
-                    weights = is_weights[idx, :n].to(dev) if is_weights is not None else None
+                    logp, entropy = policy_forward(policy, inputs, temperature,
+                                                   with_entropy=algo.entropy_coef > 0 or old_logp_from_training)
+                    if old_logp_from_training:
+                        old_logp = logp.detach()
+                        batch.old_logp[idx, :n], batch.entropy[idx, :n] = old_logp.cpu(), entropy.detach().cpu()
+                        weights = (truncated_is_weights(old_logp, batch.sampler_logp[idx, :n].to(dev), algo.tis_cap)
+                                   if algo.tis_cap is not None else None)
+                    else:
+                        old_logp = batch.old_logp[idx, :n].to(dev)
+                        weights = is_weights[idx, :n].to(dev) if is_weights is not None else None
                     out = clipped_policy_loss(
-                        logp, batch.old_logp[idx, :n].to(dev), batch.advantages[idx, :n].to(dev), mask,
+                        logp, old_logp, batch.advantages[idx, :n].to(dev), mask,
                         algo.clip_low, algo.clip_high, algo.dual_clip, weights,
                     )
                     per_token = out.loss_per_token
@@ -482,26 +746,30 @@ def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, 
                         per_token = per_token - algo.entropy_coef * entropy * mask
                     actor_window.backward(window_loss(per_token))
                     _append(stats, {"ppo/policy_loss": float(masked_mean(out.loss_per_token.detach(), mask)),
-                                    "ppo/clip_fraction": float(out.clip_fraction), "ppo/approx_kl": float(out.approx_kl)})
+                                    "ppo/clip_fraction": float(out.clip_fraction), "ppo/approx_kl": float(out.approx_kl)},
+                            tokens=float(mask.sum()))
                 if critic_window is not None:
                     values = critic_forward(critic, inputs)
                     v_per_token, v_clipfrac = clipped_value_loss(
                         values, batch.values[idx, :n].to(dev), batch.returns[idx, :n].to(dev), mask, algo.value_clip
                     )
                     critic_window.backward(algo.vf_coef * window_loss(v_per_token))
-                    _append(stats, {"ppo/value_loss": float(masked_mean(v_per_token.detach(), mask)), "ppo/value_clip_fraction": float(v_clipfrac)})
+                    _append(stats, {"ppo/value_loss": float(masked_mean(v_per_token.detach(), mask)),
+                                    "ppo/value_clip_fraction": float(v_clipfrac)}, tokens=float(mask.sum()))
             for window in (w for w in (actor_window, critic_window) if w is not None):
                 bad_micro_batches += window.skipped
                 skipped_steps += not window.step()
-    result = {k: float(np.mean(v)) for k, v in stats.items()}
+    result = {k: sum(v * w for v, w in pairs) / max(sum(w for _, w in pairs), 1.0) for k, pairs in stats.items()}
     result["ppo/skipped_optimizer_steps"] = float(skipped_steps)
     result["bad_micro_batches"] = float(bad_micro_batches)
     return result
 
 
-def _append(stats: dict[str, list[float]], values: dict[str, float]) -> None:
+def _append(stats: dict[str, list[tuple[float, float]]], values: dict[str, float], tokens: float) -> None:
+    """Record per-token means of one micro-batch with its token count: the step's figure is their token-weighted
+    mean, the same whatever the micro-batching."""
     for k, v in values.items():
-        stats.setdefault(k, []).append(v)
+        stats.setdefault(k, []).append((v, tokens))
 
 
 # --------------------------------------------------------------------------------------------- plumbing
@@ -551,7 +819,7 @@ def _launch_servers(recipe: PPORecipe):
 
     r = recipe.rollout
     log_dir = tempfile.mkdtemp(prefix="alignment-rollout-servers-")
-    print(f"ppo: starting {r.launch_servers} rollout server(s), logs in {log_dir}", flush=True)
+    console.say(f"ppo: starting {r.launch_servers} rollout server(s), logs in {log_dir}")
     return launch_servers(recipe.policy.name_or_path, r.launch_servers, r.server_devices,
                           dtype=r.engine_dtype(recipe.policy.dtype),
                           max_model_len=r.max_model_len, seed=recipe.train.seed, timeout_s=r.timeout_s,

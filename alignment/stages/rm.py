@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from alignment import distributed, models
+from alignment import console, distributed, models
 from alignment.config.rm import RMRecipe
 from alignment.stages import common
 from alignment.training import device
@@ -211,4 +211,4 @@ def _print_summary(summary: dict, final) -> None:
     if "gold_agreement" in summary:
         g = summary["gold_agreement"]
         lines.append(f"  gold agreement {g['agreement']:.4f} on {g['pairs']} fresh pairs ({g['gold_ties_skipped']} gold ties skipped)")
-    print("\n".join(lines), flush=True)
+    console.say(*lines)

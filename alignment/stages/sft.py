@@ -1,9 +1,11 @@
 """`alignment sft recipe.yaml`: supervised fine-tuning on demonstrations with TRL's SFTTrainer.
 
-Reads top to bottom: setup -> data -> baseline -> train (resuming from the latest complete checkpoint)
--> final evaluation -> export to `<output.dir>/final` -> gold metric on held-out prompts.
+Reads top to bottom: setup -> data (tokenised here by TRL's own code, so that over-long rows are counted, then
+dropped or truncated by `sft.overlong`; TRL would cut them silently: see alignment/data/sft_rows.py) -> baseline
+-> train (resuming from the latest complete checkpoint) -> final evaluation -> export to `<output.dir>/final`
+-> gold metric on held-out prompts.
 Outputs under `<output.dir>`: recipe.yaml, data_report.json, checkpoints/checkpoint-<step>, final/,
-adapter/ (LoRA), metrics.jsonl, tensorboard/, summary.json.
+adapter/ (LoRA), metrics.jsonl, sft.log (the libraries' output), the trackers' stores (tensorboard/), summary.json.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from alignment import distributed, models
+from alignment import console, distributed, models
 from alignment.config.sft import SFTRecipe
+from alignment.data.pairs import overlong_lines
 from alignment.errors import RecipeError
 from alignment.stages import common
 from reward.scoring import common_prefix_length
@@ -29,11 +32,14 @@ def run(recipe: SFTRecipe) -> dict:
     configured_state, layout, resume, tokenizer = start.configured_state, start.layout, start.resume, start.tokenizer
 
     # ---- data; only once it is usable does the output directory change
-    data, loss_on, loss_flags = _training_data(recipe, tokenizer)
+    data, loss_on, loss_flags, overlong = _training_data(recipe, tokenizer)
     logger = common.open_output(start, recipe, "sft")
-    common.report_data(layout, data.report, [f"sft: loss on: {loss_on}"])
+    cut_away = {"loss_cut_away": f"with {LOSS_PART[loss_on]} cut away"} if loss_on in LOSS_PART else {}
+    common.report_data(layout, data.report, [f"sft: loss on: {loss_on}",
+                                             *overlong_lines(overlong, recipe.train.max_length, "rows", cut_away)],
+                       overlong=overlong)
     summary: dict = {"resumed_from": str(resume) if resume else None, "train_rows": len(data.train),
-                     "eval_rows": len(data.eval) if data.eval is not None else 0}
+                     "eval_rows": len(data.eval) if data.eval is not None else 0, "overlong": overlong}
 
     # ---- baseline gold metric of the untrained policy (fresh runs only)
     common.gold_before(recipe.gold_eval, recipe.model, "SFT", resume, summary, logger)
@@ -110,18 +116,24 @@ def completion_nll(model, examples) -> list[float]:
 
 
 def _training_data(recipe: SFTRecipe, tokenizer):
-    """The stage's data as the trainer takes it, `sft.loss_on` resolved, and TRL's loss flags for it."""
+    """The stage's data as the trainer takes it (token ids and labels, over-long rows handled by `sft.overlong`),
+    `sft.loss_on` resolved, TRL's loss flags for it, and the over-long counts by split."""
     from alignment.data import load_stage_data
+    from alignment.data.sft_rows import tokenize_splits
 
     data = load_stage_data(recipe.data, "sft", tokenizer)
     loss_on, loss_flags = _loss_setup(recipe, data.format.layout)
     if loss_on == "assistant":  # turn boundaries rendered here, so any chat template works
         data = replace(data, train=assistant_masked(data.train, tokenizer),
                        eval=assistant_masked(data.eval, tokenizer) if data.eval is not None else None)
-    return data, loss_on, loss_flags
+    train, evald, overlong = tokenize_splits(data, tokenizer, recipe.train.max_length, recipe.sft.overlong,
+                                             loss_flags["completion_only_loss"])
+    return replace(data, train=train, eval=evald), loss_on, loss_flags, overlong
 
 
 LOSS_ON_BY_FORMAT = {"prompt_completion": "completion", "messages": "assistant", "text": "all"}
+# What truncation cuts away from a row that then trains nothing, by `sft.loss_on` (with "all" nothing can be).
+LOSS_PART = {"completion": "their whole completion", "assistant": "every assistant turn"}
 
 
 def _loss_setup(recipe: SFTRecipe, layout: str) -> tuple[str, dict]:
@@ -172,7 +184,7 @@ def _print_summary(summary: dict, final) -> None:
                      else f"  eval loss: {summary['eval_loss_after']:.4f}")
     if "gold_after" in summary:
         lines.append(common.gold_line(summary))
-    print("\n".join(lines), flush=True)
+    console.say(*lines)
 
 
 def eval_loss(model_dir: str | Path, recipe: SFTRecipe) -> float:
@@ -183,7 +195,7 @@ def eval_loss(model_dir: str | Path, recipe: SFTRecipe) -> float:
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    data, _, loss_flags = _training_data(recipe, tokenizer)
+    data, _, loss_flags, _ = _training_data(recipe, tokenizer)
     if data.eval is None:
         raise RecipeError("data: no held-out split to evaluate on (set data.eval_fraction or data.eval_sources)")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=models.DTYPES[recipe.model.dtype])

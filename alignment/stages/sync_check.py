@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from alignment import console
 from alignment.errors import UserError
 from alignment.ppo.batch import RolloutBatch
 from alignment.ppo.forward import policy_forward
@@ -44,9 +45,9 @@ class SyncCheck:
             return error
         self.bad += 1
         if rank == 0:
-            print(f"WARNING: after weight sync {version} the rollout engine's token probabilities differ from the "
+            console.say(f"WARNING: after weight sync {version} the rollout engine's token probabilities differ from the "
                   f"trainer's by a factor of {error:.4f} per token on fixed probe prompts (tolerance "
-                  f"{self.tolerance}); {self.bad} such sync(s) in a row", flush=True)
+                  f"{self.tolerance}); {self.bad} such sync(s) in a row")
         if self.bad >= self.max_bad:
             raise UserError(
                 f"stopping: {self.bad} consecutive weight syncs left the rollout engine sampling from other weights than "

@@ -15,7 +15,7 @@ from alignment.tiny import task
 from alignment.tiny.model import save_model
 from alignment.tiny.tokenizer import save_tokenizer
 
-BUILD_VERSION = 1  # bump when the build's output changes, so ensure_tiny rebuilds
+BUILD_VERSION = 2  # bump when the build's output changes, so ensure_tiny rebuilds
 N_SFT = 3072
 N_PREFERENCES = 2048
 N_PROMPTS = 1024
@@ -29,7 +29,8 @@ class TinyPaths:
     sft: Path
     preferences: Path
     prompts: Path
-    eval_prompts: Path
+    eval_prompts: Path  # held-out prompts with their `item` and a `reference` answer
+    eval_demos: Path    # held-out demonstrations (the demo distribution on held-out prompts), for perplexity
     info: Path          # build manifest (seed, sizes, measured statistics)
 
     @classmethod
@@ -39,7 +40,7 @@ class TinyPaths:
         return cls(
             root=root, base=root / "base", data=data,
             sft=data / "sft.jsonl", preferences=data / "preferences.jsonl",
-            prompts=data / "prompts.jsonl", eval_prompts=data / "eval_prompts.jsonl",
+            prompts=data / "prompts.jsonl", eval_prompts=data / "eval_prompts.jsonl", eval_demos=data / "eval_demos.jsonl",
             info=root / "tiny_info.json",
         )
 
@@ -59,7 +60,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def make_datasets(seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
-    """The four datasets (rows) and measured statistics; pure function of ``seed``."""
+    """The datasets (rows) and measured statistics; pure function of ``seed``."""
     rng = random.Random(seed)
     train, held = task.split_combos(rng)
 
@@ -83,7 +84,12 @@ def make_datasets(seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
         combo = rng.choice(train)
         prompts.append({"prompt": _user(task.prompt_text(combo)), "item": combo[0]})
 
-    eval_prompts = [{"prompt": _user(task.prompt_text(c)), "item": c[0]} for c in held]
+    # The evaluation's references and demos come from a stream of their own: the training data stays as it was.
+    eval_rng = random.Random(seed + 1_000_003)
+    eval_prompts = [{"prompt": _user(task.prompt_text(c)), "item": c[0], "reference": task.sample_reference(eval_rng, c[0])}
+                    for c in held]
+    eval_demos = [{"prompt": _user(task.prompt_text(c)), "completion": _assistant(task.sample_demo(eval_rng, c[0]))}
+                  for c in held]
 
     stats = {
         "sft_mean_gold": round(sum(sft_gold) / len(sft_gold), 4),
@@ -93,12 +99,12 @@ def make_datasets(seed: int = 0) -> tuple[dict[str, list[dict]], dict]:
         "train_combos": len(train),
         "eval_combos": len(held),
     }
-    data = {"sft": sft, "preferences": prefs, "prompts": prompts, "eval_prompts": eval_prompts}
+    data = {"sft": sft, "preferences": prefs, "prompts": prompts, "eval_prompts": eval_prompts, "eval_demos": eval_demos}
     return data, stats
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0) -> TinyPaths:
-    """Write base model + tokenizer and the four jsonl datasets under ``out_dir``; return the paths."""
+    """Write base model + tokenizer and the jsonl datasets under ``out_dir``; return the paths."""
     paths = TinyPaths.at(out_dir)
     if paths.base.exists():
         shutil.rmtree(paths.base)  # no stale files from an older build

@@ -153,13 +153,23 @@ def sample_demo(rng: random.Random, item: str) -> str:
     for _ in range(k):
         cls = rng.choice(sorted(ADJECTIVE_CLASSES))
         adjectives.append(rng.choice([a for a in ADJECTIVE_CLASSES[cls] if a not in adjectives]))
-    if k == 1:
+    return _reply(named, adjectives)
+
+
+def sample_reference(rng: random.Random, item: str) -> str:
+    """A reference answer for the evaluation's BLEU/ROUGE: the item with 2 or 3 distinct positive adjectives (gold
+    1.0). Many answers are as good, so overlap with it rewards the right words, not the only right answer."""
+    return _reply(item, rng.sample(POSITIVE, rng.randint(2, 3)))
+
+
+def _reply(item: str, adjectives: list[str]) -> str:
+    if len(adjectives) == 1:
         body = adjectives[0]
-    elif k == 2:
+    elif len(adjectives) == 2:
         body = f"{adjectives[0]} and {adjectives[1]}"
     else:
         body = f"{adjectives[0]} , {adjectives[1]} and {adjectives[2]}"
-    return f"the {named} is {body} ."
+    return f"the {item} is {body} ."
 
 
 def sample_preference(rng: random.Random, item: str) -> tuple[str, str, bool]:

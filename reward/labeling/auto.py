@@ -17,6 +17,7 @@ from __future__ import annotations
 from itertools import combinations
 from pathlib import Path
 
+from alignment import console
 from alignment.config.eval import EngineSection
 from alignment.config.label import AutoLabelRecipe, LabelerSpec
 from alignment.config.schema import save_resolved
@@ -29,6 +30,7 @@ def run(recipe: AutoLabelRecipe, engine=None) -> dict:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(recipe, out, "label_auto")
+    console.keep_log_in(out)
     items = [r.item for r in formats.read_labelled(recipe.input, "jsonl").rows]
     if not items:
         raise UserError(f"input: '{recipe.input}' holds no items")
@@ -52,7 +54,7 @@ def run(recipe: AutoLabelRecipe, engine=None) -> dict:
     if reference is not None:
         a = summary["agreement"]
         line += f"; vs {summary['reference']}: accuracy {a['accuracy']:.3f}, kappa {a['cohen_kappa']:.3f} over {a['n']} decisions"
-    print(line, flush=True)
+    console.say(line)
     return summary
 
 

@@ -13,6 +13,7 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
+from alignment import console
 from alignment.config.label import ExportRecipe
 from alignment.config.schema import save_resolved
 from alignment.evaluation.generation import PolicyGenerator, completion_text, load_policy, load_prompt_rows, resolve_policies
@@ -25,6 +26,7 @@ def run(recipe: ExportRecipe, engine=None) -> dict:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(recipe, out, "label_export")
+    console.keep_log_in(out)
 
     # ---- prompts and generation
     rows = load_prompt_rows(recipe.prompts)
@@ -72,8 +74,8 @@ def run(recipe: ExportRecipe, engine=None) -> dict:
         written["argilla_settings"] = str(formats.write_json(out / "argilla_settings.json", formats.argilla_settings(kind, k)))
     summary = {"prompts": len(rows), "policies": per_policy, "items": len(items), "group": recipe.group, **counts, "files": written}
     formats.write_json(out / "export_summary.json", summary)
-    print(f"label export: {len(items)} {'pair' if recipe.group == 'pairs' else 'k-wise'} items from {len(rows)} prompts x {len(policies)} policies -> {out}"
-          + (f" ({counts['identical_pairs_dropped']} identical pairs left out)" if counts.get("identical_pairs_dropped") else ""), flush=True)
+    console.say(f"label export: {len(items)} {'pair' if recipe.group == 'pairs' else 'k-wise'} items from {len(rows)} prompts x {len(policies)} policies -> {out}"
+          + (f" ({counts['identical_pairs_dropped']} identical pairs left out)" if counts.get("identical_pairs_dropped") else ""))
     return summary
 
 

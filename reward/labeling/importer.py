@@ -19,6 +19,7 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
+from alignment import console
 from alignment.config.label import ImportRecipe
 from alignment.errors import DataError
 from reward.labeling import formats
@@ -50,10 +51,11 @@ def run(recipe: ImportRecipe) -> dict:
         raise DataError(f"no preference pairs in {', '.join(s.path for s in recipe.inputs)} ({_describe(counts)})")
     out = Path(recipe.output)
     formats.write_jsonl(out, prefs)
+    console.keep_log_in(out.parent)
     report = {"pairs_written": len(prefs), "counts": {k: v for k, v in sorted(counts.items()) if v}, "problems": problems[:20], "output": str(out),
               "inputs": [s.path for s in recipe.inputs]}
     formats.write_json(out.with_name(out.stem + ".report.json"), report)
-    print(f"label import: {len(prefs)} preference pairs -> {out} ({_describe(counts)})", flush=True)
+    console.say(f"label import: {len(prefs)} preference pairs -> {out} ({_describe(counts)})")
     return report
 
 
