@@ -50,11 +50,13 @@ def training_runs(policies: list[dict]) -> list[dict]:
 
 
 def _stage(run: Path) -> str | None:
-    try:
-        import yaml
+    """The stage that wrote the run (its saved recipe's `stage:`), None if the run has no readable recipe."""
+    from alignment.config.schema import read_recipe_yaml
+    from alignment.errors import RecipeError
 
-        return yaml.safe_load((run / "recipe.yaml").read_text()).get("stage")
-    except (OSError, ValueError, AttributeError, ImportError):
+    try:
+        return read_recipe_yaml(run / "recipe.yaml").get("stage")
+    except RecipeError:
         return None
 
 

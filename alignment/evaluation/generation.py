@@ -41,23 +41,31 @@ class PromptRow:
     columns: dict = field(default_factory=dict)  # the other columns (gold labels for reward functions)
 
 
-def load_prompt_rows(section: PromptSection) -> list[PromptRow]:
-    """The first `num_prompts` rows of the prompt set in file order, validated like any prompt dataset."""
+def read_normalised_rows(path: str, split: str, max_rows: int, kind: str, where_prefix: str = "") -> list[dict]:
+    """The first `max_rows` rows of a dataset in file order, validated and normalised as data of `kind` ("prompt",
+    "sft", ...); the first malformed row is a DataError naming it (after `where_prefix`)."""
     from alignment.config.sections import DataSource
     from alignment.data.formats import Normaliser
     from alignment.data.sources import MalformedRow, read_source
 
-    raw = read_source(DataSource(path=section.path, split=section.split, max_rows=section.num_prompts), "error")
+    raw = read_source(DataSource(path=path, split=split, max_rows=max_rows), "error")
     if raw.problems:
         raise DataError(raw.problems[0])
-    normalise = Normaliser("prompt")
+    normalise = Normaliser(kind)
+    rows = []
+    for item in raw.rows:
+        try:
+            rows.append(normalise(item.value))
+        except MalformedRow as exc:
+            raise DataError(f"{where_prefix}{item.where}: {exc}") from None
+    return rows
+
+
+def load_prompt_rows(section: PromptSection) -> list[PromptRow]:
+    """The first `num_prompts` rows of the prompt set in file order, validated like any prompt dataset."""
     stem = Path(section.path).stem if Path(section.path).exists() else section.path.replace("/", "_")
     rows = []
-    for index, item in enumerate(raw.rows):
-        try:
-            row = normalise(item.value)
-        except MalformedRow as exc:
-            raise DataError(f"{item.where}: {exc}") from None
+    for index, row in enumerate(read_normalised_rows(section.path, section.split, section.num_prompts, "prompt")):
         prompt = row.pop("prompt")
         pid = str(row["id"]) if row.get("id") is not None else f"{stem}-{index:05d}"
         rows.append(PromptRow(pid, prompt, row))

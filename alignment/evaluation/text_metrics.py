@@ -22,25 +22,21 @@ class HeldOutTexts:
     cut: int  # rows longer than max_length, whose scored part was cut to fit
 
 
-def heldout_texts(section: PerplexitySection, tokenizer) -> HeldOutTexts:
-    """The held-out rows of `section` tokenized for `tokenizer` (policies with other tokenizers get their own)."""
-    from alignment.config.sections import DataSource
-    from alignment.data.formats import Normaliser
-    from alignment.data.sources import MalformedRow, read_source
-    from reward.scoring import answer_starts, encode_many
+def heldout_rows(section: PerplexitySection) -> list[dict]:
+    """The held-out rows of `section`, read and validated once for all policies."""
+    from alignment.evaluation.generation import read_normalised_rows
 
-    raw = read_source(DataSource(path=section.path, split=section.split, max_rows=section.num_texts), "error")
-    if raw.problems:
-        raise DataError(raw.problems[0])
-    normalise = Normaliser("sft")
-    rows = []
-    for item in raw.rows:
-        try:
-            rows.append(normalise(item.value))
-        except MalformedRow as exc:
-            raise DataError(f"perplexity.path: {item.where}: {exc}") from None
+    rows = read_normalised_rows(section.path, section.split, section.num_texts, "sft", where_prefix="perplexity.path: ")
     if not rows:
         raise DataError(f"perplexity.path: '{section.path}' has no rows")
+    return rows
+
+
+def heldout_texts(rows: list[dict], tokenizer, max_length: int) -> HeldOutTexts:
+    """`heldout_rows` tokenized for `tokenizer` (policies with other tokenizers get their own), each at most
+    `max_length` tokens."""
+    from reward.scoring import answer_starts, encode_many
+
     prompts, answers, whole = [], [], []
     for row in rows:
         if "text" in row:
@@ -58,9 +54,9 @@ def heldout_texts(section: PerplexitySection, tokenizer) -> HeldOutTexts:
             scored_ids.append(ids[start:])
     cut = 0
     for i, (p, s) in enumerate(zip(prompt_ids, scored_ids)):
-        if len(p) + len(s) > section.max_length:
+        if len(p) + len(s) > max_length:
             cut += 1
-            scored_ids[i] = s[: max(section.max_length - len(p), 0)]
+            scored_ids[i] = s[: max(max_length - len(p), 0)]
     return HeldOutTexts(prompt_ids, scored_ids, cut)
 
 

@@ -88,7 +88,7 @@ class RolloutBatch:
         groups, start, longest_prompt, longest_completion = [], 0, 0, 0
         for pos, k in enumerate(order):
             p, c = max(longest_prompt, prompt_len[k]), max(longest_completion, completion_len[k])
-            if pos > start and ((pos - start + 1) * (p + max(c, 1)) > max_tokens or pos - start == micro_batch_size):
+            if pos > start and (_padded_size(pos - start + 1, p, c) > max_tokens or pos - start == micro_batch_size):
                 groups.append(ordered[start:pos])
                 start, p, c = pos, prompt_len[k], completion_len[k]
             longest_prompt, longest_completion = p, c
@@ -114,7 +114,8 @@ class RolloutBatch:
     def padded_tokens(self, indices: torch.Tensor) -> int:
         """Tokens `model_inputs` feeds the model for these rows (padding included)."""
         rows = indices.tolist()
-        return len(rows) * (max(len(self.prompt_ids[i]) for i in rows) + max(1, max(len(self.completion_ids[i]) for i in rows)))
+        return _padded_size(len(rows), max(len(self.prompt_ids[i]) for i in rows),
+                            max(len(self.completion_ids[i]) for i in rows))
 
     def model_inputs(self, indices: torch.Tensor, pad_id: int, device: torch.device) -> ModelInputs:
         rows = indices.tolist()
@@ -137,3 +138,9 @@ class RolloutBatch:
         return ModelInputs(
             input_ids.to(device), attention_mask.to(device), position_ids.to(device), P, T, indices
         )
+
+
+def _padded_size(rows: int, longest_prompt: int, longest_completion: int) -> int:
+    """Tokens of a micro-batch as `RolloutBatch.model_inputs` pads it: prompts left-padded to the longest, completions
+    right-padded to the longest (at least one position)."""
+    return rows * (longest_prompt + max(longest_completion, 1))

@@ -41,7 +41,7 @@ from alignment.evaluation.generation import (
     resolve_policies,
     sequence_logprobs,
 )
-from alignment.evaluation.text_metrics import heldout_texts, reference_scores
+from alignment.evaluation.text_metrics import heldout_rows, heldout_texts, reference_scores
 
 
 def run(recipe: EvalRecipe, engine=None) -> dict:
@@ -54,6 +54,7 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
 
     # ---- 1. prompts and policies; the output directory is written only once they are usable
     rows = load_prompt_rows(recipe.prompts)
+    heldout = heldout_rows(recipe.perplexity) if recipe.perplexity is not None else None
     policies = resolve_policies(recipe.policies, recipe.run)
     reference = _reference(recipe, policies)
     save_resolved(recipe, out, "eval")
@@ -85,8 +86,8 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
                     lp = sequence_logprobs(model, p_ids, c_ids, recipe.rollout.batch_size)
                     lr = sequence_logprobs(ref_model, p_ids, c_ids, recipe.rollout.batch_size)
                     kl = [a - b for a, b in zip(lp, lr)]
-            if recipe.perplexity is not None:
-                perplexity[policy.name] = _perplexity(recipe, model, tokenizer)
+            if heldout is not None:
+                perplexity[policy.name] = _perplexity(heldout, recipe, model, tokenizer)
             generated[policy.name] = {
                 "texts": [completion_text(s) for s in samples],
                 "lengths": [len(s.completion_ids) for s in samples],
@@ -196,10 +197,10 @@ def _reference(recipe: EvalRecipe, policies: list[Policy]) -> Policy:
     raise UserError(f"reference: '{recipe.reference}' is neither a policy name ({names}) nor a checkpoint path")
 
 
-def _perplexity(recipe: EvalRecipe, model, tokenizer) -> dict:
+def _perplexity(heldout: list[dict], recipe: EvalRecipe, model, tokenizer) -> dict:
     """Per-text NLL sums and scored-token counts of one policy on the held-out texts (rows with no scored token left
     out), and how many texts were cut to perplexity.max_length."""
-    texts = heldout_texts(recipe.perplexity, tokenizer)
+    texts = heldout_texts(heldout, tokenizer, recipe.perplexity.max_length)
     kept = [i for i, ids in enumerate(texts.scored_ids) if ids]
     prompt_ids, scored_ids = [texts.prompt_ids[i] for i in kept], [texts.scored_ids[i] for i in kept]
     logps = sequence_logprobs(model, prompt_ids, scored_ids, recipe.rollout.batch_size)

@@ -261,24 +261,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
                 engine.sleep()
             step_metrics.update(drawn.metrics)
             step_metrics["dynamic/skipped_steps"] = float(skipped_without_signal)  # in this run, so far
-            step_metrics.update({f"reward/{k}_prompt_trimmed": n / drawn.scored for k, n in drawn.trimmed.items()})
             per_rank = drawn.groups // world
             local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
-            local_rows = drawn.rows[local]
-            batch = RolloutBatch.from_samples(drawn.samples[local], local_rows)
-            timings["generate"] = time.perf_counter() - t0  # the candidates' rewards included
-
-            # ---- 2. scoring: rewards (those of the draw), log-probs before the update, reference log-probs, values
-            t1 = time.perf_counter()
-            texts = [s.text for s in drawn.samples[local]]
-            columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
-            local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
-            raw, parts = drawn.raw[local], {k: v[local] for k, v in drawn.parts.items()}
-            if any(drawn.trimmed.values()) and not warned_trim:
-                warned_trim = True
-                console.say(f"warning: rank {rank}, step {step}: {sum(drawn.trimmed.values())} rollout(s) exceed the "
-                            "reward model's max_length; their prompts were trimmed from the left so the whole answer is "
-                            "scored (share per step: reward/*_prompt_trimmed)")
+            local_samples, local_rows = drawn.samples[local], drawn.rows[local]
         else:
             rows = _next_prompt_rows(state, len(prompts), train.prompts_per_step, train.seed)
             samples, generate_seconds = None, 0.0
@@ -292,24 +277,31 @@ def run(recipe: PPORecipe, engine=None) -> None:
             samples = broadcast_from_main(samples)
             per_rank = train.prompts_per_step // world
             local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
-            local_rows = [rows[s.prompt_index] for s in samples[local]]
-            batch = RolloutBatch.from_samples(samples[local], local_rows)
-            timings["generate"] = time.perf_counter() - t0
+            local_samples = samples[local]
+            local_rows = [rows[s.prompt_index] for s in local_samples]
+        batch = RolloutBatch.from_samples(local_samples, local_rows)
+        timings["generate"] = time.perf_counter() - t0  # with dynamic sampling, the candidates' rewards included
 
-            # ---- 2. scoring: rewards, log-probs before the update, reference log-probs, values
-            t1 = time.perf_counter()
-            texts = [s.text for s in samples[local]]
-            columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
-            local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
+        # ---- 2. scoring: rewards (with dynamic sampling, those of the draw), log-probs before the update, reference
+        # log-probs, values
+        t1 = time.perf_counter()
+        texts = [s.text for s in local_samples]
+        columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
+        local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
+        if algo.dynamic_sampling.enabled:
+            raw, parts = drawn.raw[local], {k: v[local] for k, v in drawn.parts.items()}
+            trimmed, scored = drawn.trimmed, drawn.scored
+        else:
             raw, parts = reward(local_prompts, texts, columns)
             if any_rank(not finite(raw)):  # before anything learns from it (the running statistics included)
                 _skip_step(state, progress, train.max_bad_steps, rank, "NaN/inf rewards")
                 continue
-            if any(reward.trimmed.values()) and not warned_trim:
-                warned_trim = True
-                console.say(f"warning: rank {rank}, step {step}: {sum(reward.trimmed.values())} rollout(s) exceed the reward model's "
-                            "max_length; their prompts were trimmed from the left so the whole answer is scored (share per step: "
-                            "reward/*_prompt_trimmed)")
+            trimmed, scored = reward.trimmed, len(texts)
+        if any(trimmed.values()) and not warned_trim:
+            warned_trim = True
+            console.say(f"warning: rank {rank}, step {step}: {sum(trimmed.values())} rollout(s) exceed the reward model's "
+                        "max_length; their prompts were trimmed from the left so the whole answer is scored (share per step: "
+                        "reward/*_prompt_trimmed)")
         if algo.overlong.filter and all_reduce_sum(float(uncut_weights(batch.finish_reasons).sum())) == 0:
             # Every answer of the step was cut: overlong filtering leaves no loss weight at all (token_mean would divide
             # by zero tokens). No update, so a sleeping engine needs its weights back before the next generation.
@@ -325,10 +317,9 @@ def run(recipe: PPORecipe, engine=None) -> None:
             continue
         if running_reward is not None:
             running_reward.update(gather_across_ranks(raw))  # the same statistics on every rank
-        length_penalty = None  # DAPO's soft overlong punishment, next to the truncation penalty (see shape_scores)
-        if algo.overlong.buffer is not None:
-            length_penalty = overlong_penalty(torch.tensor([len(c) for c in batch.completion_ids]),
-                                              sampling_cfg.max_new_tokens, algo.overlong.buffer, algo.overlong.penalty_factor)
+        # DAPO's soft overlong punishment, next to the truncation penalty (see shape_scores)
+        length_penalty = _overlong_penalty_of(batch.completion_ids, algo, sampling_cfg.max_new_tokens)
+        if length_penalty is not None:
             step_metrics["ppo/overlong_penalty"] = float(length_penalty.mean())
         batch.scores = scores = shape_scores(raw, batch.finish_reasons, algo, running_reward, length_penalty)
         train_actor = critic is None or step >= algo.critic_warmup_steps
@@ -400,7 +391,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             "ppo/reward": float(raw.mean()),
             "ppo/score": float(scores.mean()),
             **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
-            **{f"reward/{k}_prompt_trimmed": n / len(texts) for k, n in reward.trimmed.items()},
+            **{f"reward/{k}_prompt_trimmed": n / scored for k, n in trimmed.items()},
             "ppo/kl": seq_kl,
             "ppo/kl_coef": kl_ctl.coef,
             "ppo/entropy": float(masked_mean(batch.entropy, mask)),
@@ -599,12 +590,8 @@ def _draw_groups_with_signal(step: int, state: LoopState, rank: int, world: int,
         # step, which neither makes equal scores differ nor different ones equal): the raw reward with the length
         # penalties. The reward clip is left out (it can only make more groups equal).
         finish_reasons = [s.finish_reason for s in samples]
-        scores = raw.clone()
-        if algo.truncation_penalty is not None:
-            scores = penalize_truncated(scores, finish_reasons, algo.truncation_penalty)
-        if algo.overlong.buffer is not None:
-            scores = scores + overlong_penalty(torch.tensor([len(s.completion_ids) for s in samples]),
-                                               sampling.max_new_tokens, algo.overlong.buffer, algo.overlong.penalty_factor)
+        scores = _with_length_terms(raw.clone(), finish_reasons, algo,
+                                    _overlong_penalty_of([s.completion_ids for s in samples], algo, sampling.max_new_tokens))
         trainable = uncut_weights(finish_reasons).bool().view(-1, group) if algo.overlong.filter else None
         keep = keep_groups(scores.view(-1, group), trainable)
         for g in keep.nonzero().flatten().tolist():
@@ -648,13 +635,28 @@ def shape_scores(raw: torch.Tensor, finish_reasons: list[str], algo, running_rew
     scores = raw.clone()
     if running_reward is not None:
         scores = normalize_scores(scores, running_reward.mean, running_reward.std)
+    scores = _with_length_terms(scores, finish_reasons, algo, length_penalty)
+    if algo.reward_clip is not None:
+        scores = clip_scores(scores, algo.reward_clip)
+    return scores
+
+
+def _with_length_terms(scores: torch.Tensor, finish_reasons: list[str], algo,
+                       length_penalty: torch.Tensor | None) -> torch.Tensor:
+    """`scores` minus the truncation penalty of answers cut at max_new_tokens, plus `length_penalty` (if any)."""
     if algo.truncation_penalty is not None:
         scores = penalize_truncated(scores, finish_reasons, algo.truncation_penalty)
     if length_penalty is not None:
         scores = scores + length_penalty.to(scores.dtype)
-    if algo.reward_clip is not None:
-        scores = clip_scores(scores, algo.reward_clip)
     return scores
+
+
+def _overlong_penalty_of(completion_ids: list[list[int]], algo, max_new_tokens: int) -> torch.Tensor | None:
+    """DAPO's soft overlong punishment [B] of these answers; None when algorithm.overlong.buffer is unset."""
+    if algo.overlong.buffer is None:
+        return None
+    return overlong_penalty(torch.tensor([len(ids) for ids in completion_ids]), max_new_tokens, algo.overlong.buffer,
+                            algo.overlong.penalty_factor)
 
 
 def old_logprobs_come_from_training(recipe: PPORecipe) -> bool:
