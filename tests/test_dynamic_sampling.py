@@ -255,6 +255,10 @@ def _draw_worker(rank: int, port: int, out_dir: str) -> None:
                          "state": (state.data_epoch, state.data_offset), "calls": engine.calls if engine else None,
                          "texts": [s.text for s in drawn.samples]}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Leave the group only once both ranks are done: a rank tearing gloo down while the other still works can abort
+    # ("terminate called without an active exception", seen once in a full run; alignment.distributed.shutdown
+    # does the same for launched ranks).
+    dist.barrier()
     dist.destroy_process_group()
 
 

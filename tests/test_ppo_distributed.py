@@ -190,7 +190,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from alignment.distributed import sum_across_ranks
+    from alignment.distributed import shutdown, sum_across_ranks
     from alignment.training import init_distributed
 
     init_distributed()
@@ -204,6 +204,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "token_budget_zero3": _token_budget_training(rank, zero_stage=3),
     }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    shutdown()  # leave the group once both ranks are done (a rank exiting mid-work can abort the other in gloo)
 
 
 @pytest.fixture(scope="module")
