@@ -364,7 +364,8 @@ def plan_ppo(recipe, launch: Launch, prompt_tokens: int, resolve=lambda path: pa
         tokens = min(tokens, max(algo.micro_batch_tokens, seq))
     logit_tokens = min(algo.micro_batch_size * (new_tokens + 1), tokens)  # the policy's logits cover the answer only
     plan = MemoryPlan(f"PPO, micro-batch {algo.micro_batch_size} x {seq} tokens"
-                      + (f" (at most {tokens} padded tokens)" if algo.micro_batch_tokens is not None else "")
+                      + (f" (at most {tokens} {'packed' if algo.packing else 'padded'} tokens)"
+                         if algo.micro_batch_tokens is not None else "")
                       + (", gradient checkpointing" if train.gradient_checkpointing else ""), launch)
     shapes: dict[str, tuple[ModelShape, str]] = {}
 

@@ -128,13 +128,14 @@ def n_params(path: Path) -> int:
 
 
 def build_recipes(model: str, tiny, policy: Path, rm: Path | None, work: Path, steps: int, modes: list[str],
-                  save_steps: int | None = None, eval_every: int = 0) -> dict:
+                  save_steps: int | None = None, eval_every: int = 0, overrides: list[str] = ()) -> dict:
     from alignment.config.ppo import PPORecipe
     from alignment.config.schema import load_recipe
 
     evaluation = [f"eval.prompts={tiny.eval_prompts}", f"eval_every={eval_every}"] if eval_every else ["eval=null"]
     common = [f"policy.name_or_path={policy}", f"prompts.sources.0.path={tiny.prompts}", *evaluation,
               f"train.steps={steps}", f"output.save_steps={save_steps or steps}", "output.logging_steps=1"]
+    last = list(overrides)  # the user's --set, after every default
     rule_reward = "rewards=[{kind: function, function: 'alignment.tiny.task:gold_reward'}]"  # TRL's reward too
     if model == "100m":
         common += [rule_reward, "train.prompts_per_step=8", "rollout.sampling.max_new_tokens=32", "algorithm.micro_batch_size=16",
@@ -145,12 +146,13 @@ def build_recipes(model: str, tiny, policy: Path, rm: Path | None, work: Path, s
         if model == "tiny":  # GRPO: the rule, as the TRL peer gets; GAE: the RM, which also initialises the critic
             out.append(rule_reward if mode.startswith("grpo") else f"rewards.0.path={rm}")
         if mode.startswith("grpo"):
-            recipes[mode] = load_recipe(REPO / "recipes/tiny/ppo_grpo.yaml", PPORecipe, [*common, *out])
+            recipes[mode] = load_recipe(REPO / "recipes/tiny/ppo_grpo.yaml", PPORecipe, [*common, *out, *last])
         else:  # GAE; the critic starts from the RM (tiny) or from the policy with a fresh head (100m)
             critic = rm if model == "tiny" else policy
             # steady state from step 1: no critic-only warm-up steps (those skip the actor update)
             recipes[mode] = load_recipe(REPO / "recipes/tiny" / ("ppo_async.yaml" if mode == "gae_async" else "ppo.yaml"), PPORecipe,
-                                        [*common, *out, f"value.name_or_path={critic}", "algorithm.critic_warmup_steps=0"])
+                                        [*common, *out, f"value.name_or_path={critic}", "algorithm.critic_warmup_steps=0",
+                                         *last])
     return recipes
 
 
@@ -338,8 +340,8 @@ class StageProbe:
 
         def counted(batch, *a, **k):
             inputs = model_inputs(batch, *a, **k)
-            self.inputs.append((time.perf_counter(), self.phase or "other", int(inputs.input_ids.numel()),
-                                int(inputs.attention_mask.sum())))
+            real = inputs.input_ids.numel() if inputs.attention_mask is None else inputs.attention_mask.sum()  # packed
+            self.inputs.append((time.perf_counter(), self.phase or "other", int(inputs.input_ids.numel()), int(real)))
             return inputs
         self._patch(RolloutBatch, "model_inputs", counted)
         return self
@@ -520,11 +522,26 @@ def _batch(samples):
 
 def stage_micro_batches(batch, indices, algo) -> list:
     """The micro-batches the stage makes of `indices`: `algorithm.micro_batch_size` rows, or with
-    `algorithm.micro_batch_tokens` (when this checkout has it) grouped by length up to that many padded tokens."""
+    `algorithm.micro_batch_tokens` (when this checkout has it) grouped by length up to that many padded tokens (real
+    ones with `algorithm.packing`)."""
     tokens = getattr(algo, "micro_batch_tokens", None)
     if tokens is None:
         return batch.micro_batches(indices, algo.micro_batch_size)
+    if packed(algo):
+        return batch.micro_batches(indices, algo.micro_batch_size, max_tokens=tokens, packed=True)
     return batch.micro_batches(indices, algo.micro_batch_size, max_tokens=tokens)
+
+
+def packed(algo) -> bool:
+    """Whether the stage packs its micro-batches (`algorithm.packing`, when this checkout has it)."""
+    return bool(getattr(algo, "packing", False))
+
+
+def stage_model_inputs(batch, idx, pad_id: int, algo):
+    """The inputs the stage feeds its models for the rows `idx`: padded, or packed (`algorithm.packing`)."""
+    if packed(algo):
+        return batch.model_inputs(idx, pad_id, torch.device("cpu"), packed=True)
+    return batch.model_inputs(idx, pad_id, torch.device("cpu"))
 
 
 def stage_train_plan(batch, recipe, step: int) -> list[list[list]]:
@@ -536,10 +553,12 @@ def stage_train_plan(batch, recipe, step: int) -> list[list[list]]:
             for _ in range(algo.epochs)]
 
 
-def padded_real(batch, groups) -> tuple[int, int]:
+def padded_real(batch, groups, packed: bool = False) -> tuple[int, int]:
+    real = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for g in groups for i in g.tolist())
+    if packed:
+        return real, real
     padded = sum(len(g) * (max(len(batch.prompt_ids[i]) for i in g.tolist()) + max(1, max(len(batch.completion_ids[i]) for i in g.tolist())))
                  for g in groups)
-    real = sum(len(batch.prompt_ids[i]) + len(batch.completion_ids[i]) for g in groups for i in g.tolist())
     return padded, real
 
 
@@ -551,22 +570,36 @@ def _reward_columns(recipe, n: int) -> tuple[list, dict]:
     return [r["prompt"] for r in rows], cols
 
 
+def _is_packed(inputs) -> bool:
+    return getattr(inputs, "logit_positions", None) is not None
+
+
 def _policy_logp(model, inputs, with_entropy=False):
-    """Completion-token log-probs as plainly as HF allows (logits only where they predict completion tokens)."""
-    logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-                   use_cache=False, logits_to_keep=inputs.completion_len + 1).logits[:, :-1].float()
+    """Completion-token log-probs as plainly as HF allows (logits only where they predict completion tokens):
+    [b, T_mb] padded, [K] (the real completion tokens) packed."""
+    if _is_packed(inputs):
+        logits = model(input_ids=inputs.input_ids, position_ids=inputs.position_ids, use_cache=False,
+                       logits_to_keep=inputs.logit_positions).logits[0].float()
+        targets = inputs.input_ids[0, inputs.logit_positions + 1, None]
+    else:
+        logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                       use_cache=False, logits_to_keep=inputs.completion_len + 1).logits[:, :-1].float()
+        targets = inputs.input_ids[:, inputs.completion_start:, None]
     logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, inputs.input_ids[:, inputs.completion_start:, None]).squeeze(-1)
+    logp = logp_all.gather(-1, targets).squeeze(-1)
     if with_entropy:
         return logp, -(logp_all.exp() * logp_all).sum(-1)
     return logp, None
 
 
 def _values(seq_cls, inputs):
+    """The head at every position [b, L], or packed at the positions before completion tokens [K]."""
     backbone = getattr(seq_cls, seq_cls.base_model_prefix)
     hidden = backbone(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
                       position_ids=inputs.position_ids, use_cache=False).last_hidden_state
-    return seq_cls.score(hidden).squeeze(-1)
+    if _is_packed(inputs):
+        return seq_cls.score(hidden[0, inputs.logit_positions]).squeeze(-1)
+    return seq_cls.score(hidden).squeeze(-1)[:, inputs.completion_start - 1 : -1]
 
 
 def limit_score_train(recipe, samples, pad_id: int, repeats: int, step: int, train_repeats: int = 1) -> dict:
@@ -584,13 +617,13 @@ def limit_score_train(recipe, samples, pad_id: int, repeats: int, step: int, tra
     algo = recipe.algorithm
     batch = _batch(samples)
     score_groups = stage_micro_batches(batch, torch.arange(len(batch)), algo)
-    micro = [batch.model_inputs(idx, pad_id, torch.device("cpu")) for idx in score_groups]
+    micro = [stage_model_inputs(batch, idx, pad_id, algo) for idx in score_groups]
     plan = stage_train_plan(batch, recipe, step)
     train_inputs = {}  # the same micro-batch index tensor -> its inputs, built once (as the stage builds each anew)
     for epoch in plan:
         for minibatch in epoch:
             for idx in minibatch:
-                train_inputs[id(idx)] = batch.model_inputs(idx, pad_id, torch.device("cpu"))
+                train_inputs[id(idx)] = stage_model_inputs(batch, idx, pad_id, algo)
     policy = AutoModelForCausalLM.from_pretrained(recipe.policy.name_or_path, dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(recipe.policy.name_or_path, dtype=torch.float32).eval()
     critic = (AutoModelForSequenceClassification.from_pretrained(recipe.value.name_or_path, num_labels=1, dtype=torch.float32)
@@ -612,7 +645,10 @@ def limit_score_train(recipe, samples, pad_id: int, repeats: int, step: int, tra
             if critic is not None:
                 _values(critic, inputs)
             for rm in rms:
-                rm(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
+                if _is_packed(inputs):  # the head read off the backbone, as RewardModelScorer reads a packed row
+                    _values(rm, inputs)
+                else:
+                    rm(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask)
 
     policy.eval()
     score()  # warm-up
@@ -634,12 +670,14 @@ def limit_score_train(recipe, samples, pad_id: int, repeats: int, step: int, tra
 
     def micro_step(idx):
         inputs = train_inputs[id(idx)]
-        mask = batch.mask[idx, : inputs.completion_len]
+        # packed outputs hold the real completion tokens only: the mask is all ones there
+        mask = 1.0 if _is_packed(inputs) else batch.mask[idx, : inputs.completion_len]
+        tokens = batch.mask[idx].sum().clamp(min=1)
         logp, _ = _policy_logp(policy, inputs, with_entropy=algo.entropy_coef > 0)
-        (-(logp * mask).sum() / mask.sum().clamp(min=1)).backward()
+        (-(logp * mask).sum() / tokens).backward()
         if critic is not None:
-            v = _values(critic, inputs)[:, inputs.completion_start - 1 : -1]
-            ((v * mask) ** 2).sum().div(mask.sum().clamp(min=1)).backward()
+            v = _values(critic, inputs)
+            ((v * mask) ** 2).sum().div(tokens).backward()
 
     def optimizer_step():
         for o in opts:
@@ -671,8 +709,9 @@ def limit_score_train(recipe, samples, pad_id: int, repeats: int, step: int, tra
     res["torch_threads"] = torch.get_num_threads()
     res["micro_batches_score"] = len(micro)
     res["micro_batches_train"] = sum(len(mb) for epoch in plan for mb in epoch)
-    res["tokens_score"] = dict(zip(("padded", "real"), padded_real(batch, score_groups)))
-    res["tokens_train"] = dict(zip(("padded", "real"), padded_real(batch, [g for e in plan for mb in e for g in mb])))
+    res["tokens_score"] = dict(zip(("padded", "real"), padded_real(batch, score_groups, packed(algo))))
+    res["tokens_train"] = dict(zip(("padded", "real"), padded_real(batch, [g for e in plan for mb in e for g in mb],
+                                                                   packed(algo))))
     return res
 
 
@@ -776,6 +815,8 @@ def main() -> None:
                     "the end; the shipped tiny recipes save every 10)")
     ap.add_argument("--eval-every", type=int, default=0, help="run the recipes' evaluation (128 held-out prompts x 4) "
                     "every N steps (default 0: eval off; the shipped tiny recipes evaluate every 10)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override for every mode "
+                    "(repeatable), e.g. --set algorithm.packing=true; TRL's run is unchanged")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--trl-result", default=None, help=argparse.SUPPRESS)
@@ -808,7 +849,7 @@ def main() -> None:
         else:
             (policy, result["params"]), rm = make_100m_policy(tiny.base, work / "policy100m"), None
         recipes = build_recipes(args.model, tiny, policy, rm, work, steps, modes, save_steps=args.save_steps or steps,
-                                eval_every=args.eval_every)
+                                eval_every=args.eval_every, overrides=args.set)
         r0 = next(iter(recipes.values()))
         t = time.perf_counter()
         engine = VLLMEngine(str(policy), dtype="float32", seed=0, max_model_len=r0.rollout.max_model_len)

@@ -6,10 +6,13 @@ A task where the answer's length is part of the policy's choice, run through the
 * **rows**: today's `algorithm.micro_batch_size` (M sequences per forward, sorted by length);
 * **tokens**: `algorithm.micro_batch_tokens=N` (sequences grouped by length into forwards of at most N padded tokens,
   at most `--token-rows` of them; `RolloutBatch.micro_batches(indices, micro_batch_size, max_tokens)`). By default N
-  = 2 x (longest prompt + max_new_tokens), two of the longest possible sequences: the long tail goes one or two to a
-  forward, short answers share forwards up to N tokens (the rows run's worst case is M such sequences). A budget as
-  large as the rows run's worst case packs more rows per forward but pads short answers to mid-length ones (the
-  greedy grouping fills each forward to the budget): see the options table the script prints.
+  = longest prompt + max_new_tokens, the longest possible sequence: the long tail goes alone to a forward, short
+  answers share forwards up to N tokens (the rows run's worst case is M such sequences). A larger budget packs more
+  rows per forward but pads short answers to mid-length ones (the greedy grouping fills each forward to the budget),
+  and packed it makes the attention's block-diagonal mask larger (sdpa on CPU computes the whole N x N product): see
+  the options table the script prints; 2N measured slower than N in both runs;
+* **packed**: the same budget with `algorithm.packing=true`: each forward is its sequences back to back in one row,
+  no padding (transformers' packed-sequence attention from the position ids; sdpa with a block-diagonal mask here).
 
 The task. A prompt of the tiny review task with a target answer length per prompt row, drawn from a long-tailed
 (log-normal) distribution; the rule reward (`varlen_reward`, in this file) is half content (the tiny gold rule: name
@@ -27,12 +30,12 @@ Per run: completion lengths; seconds per phase (median, p10, p90, ...; bench_ppo
 the micro-batches the stage fed its scoring and training forwards (counted in `RolloutBatch.model_inputs`); the
 limits on the last step's batch in the run's own micro-batches and step / limits (bench_ppo's `measure_limits`);
 what runs outside the phases. Then the padding and forward count of other settings on that batch (no timing), and the
-comparison. "speedup over row micro-batches" = seconds of score + train per real token, rows run over tokens run
+comparison. "speedup over row micro-batches" = seconds of score + train per real token, rows run over the other run
 (summed over the measured steps; generation does the same work in both and is left out); the step time ratio is
-printed beside it. The last line reads `varlen: padded/real X.XX, speedup over row micro-batches Y.YY`, X being the
-padded/real tokens of the token-budget run's scoring and training forwards (the rows run's figure is on the line
-above). Without `algorithm.micro_batch_tokens` in the checkout the script says so, measures the rows run only and
-prints its padded/real and nan for the speedup.
+printed beside it. The last line reads `varlen: padded/real X.XX, speedup over row micro-batches Y.YY` for the packed
+run (the token-budget run's figures are on the lines above). Without `algorithm.micro_batch_tokens` or
+`algorithm.packing` in the checkout the script says so and measures the runs it can; the last line then reports the
+last of them (nan for the speedup of the rows run alone).
 
     export OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1
     python benchmarks/bench_varlen.py                                   # ~2 min on 2 cores
@@ -166,6 +169,13 @@ def token_budget_missing() -> str | None:
     return None
 
 
+def packing_missing() -> str | None:
+    """Why this checkout cannot pack micro-batches, or None when it can."""
+    from alignment.config.ppo import PPOAlgorithmSection
+
+    return None if hasattr(PPOAlgorithmSection(), "packing") else "the recipe key algorithm.packing does not exist"
+
+
 def build_recipe(policy: Path, prompts: Path, work: Path, name: str, args, extra: list[str]):
     from alignment.config.ppo import PPORecipe
     from alignment.config.schema import load_recipe
@@ -192,7 +202,7 @@ def tokens_of(stage: dict, phases=("score", "train")) -> tuple[int, int, int]:
     return padded, real, work
 
 
-def options_table(samples, m: int, n_tokens: int, token_rows: int, with_tokens: bool) -> list[dict]:
+def options_table(samples, m: int, n_tokens: int, token_rows: int, with_tokens: bool, with_packing: bool) -> list[dict]:
     """Forwards and padded/real of the scoring micro-batches (all rows, sorted) for a few settings, on one batch."""
     from bench_ppo import _batch, padded_real
 
@@ -210,6 +220,11 @@ def options_table(samples, m: int, n_tokens: int, token_rows: int, with_tokens: 
             padded, real = padded_real(batch, groups)
             rows.append({"setting": f"tokens {budget} (<= {token_rows} rows)", "forwards": len(groups),
                          "padded_over_real": padded / real, "largest_forward": max(padded_real(batch, [g])[0] for g in groups)})
+    if with_packing:
+        for budget in sorted({max(1, n_tokens // 2), n_tokens, 2 * n_tokens}):
+            groups = batch.micro_batches(idx, token_rows, max_tokens=budget, packed=True)
+            rows.append({"setting": f"packed {budget} (<= {token_rows} rows)", "forwards": len(groups),
+                         "padded_over_real": 1.0, "largest_forward": max(padded_real(batch, [g], True)[0] for g in groups)})
     return rows
 
 
@@ -220,7 +235,7 @@ def main() -> None:
     ap.add_argument("--prompts-per-step", type=int, default=16, help="prompts per step, 4 samples each (default 16)")
     ap.add_argument("--micro-batch-size", type=int, default=8, help="rows run: algorithm.micro_batch_size (default 8)")
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="tokens run: algorithm.micro_batch_tokens "
-                    "(default: 2 x (longest prompt + 512), two of the longest possible sequences)")
+                    "(default: longest prompt + 512, the longest possible sequence)")
     ap.add_argument("--token-rows", type=int, default=None, help="tokens run: algorithm.micro_batch_size, the row cap "
                     "of a token-budget micro-batch (default: the samples of a step, i.e. no cap beyond the budget)")
     ap.add_argument("--minibatches", type=int, default=2, help="algorithm.minibatches (default 2, as the tiny recipe)")
@@ -242,7 +257,9 @@ def main() -> None:
     from alignment.tiny import build_tiny
     from rollout.vllm_engine import VLLMEngine
 
-    missing = token_budget_missing()
+    missing, no_packing = token_budget_missing(), packing_missing()
+    if not missing and no_packing:
+        print(f"bench_varlen: packed micro-batches are not available in this checkout: {no_packing}", flush=True)
     if missing:
         print(f"bench_varlen: token-budget micro-batches are not available in this checkout: {missing}. Measuring the "
               "rows run only; the speedup over row micro-batches reads nan until algorithm.micro_batch_tokens lands.",
@@ -263,12 +280,14 @@ def main() -> None:
         tok = AutoTokenizer.from_pretrained(policy)
         prompt_rows = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
         longest_prompt = max(len(render_prompt(tok, p)) for p in prompt_rows)
-        budget = args.micro_batch_tokens or 2 * (longest_prompt + MAX_NEW_TOKENS)
+        budget = args.micro_batch_tokens or longest_prompt + MAX_NEW_TOKENS
         token_rows = args.token_rows or samples_per_step
         result.update(longest_prompt=longest_prompt, micro_batch_tokens=budget, token_rows=token_rows)
         variants = {"rows": [f"algorithm.micro_batch_size={args.micro_batch_size}"]}
         if not missing:
             variants["tokens"] = [f"algorithm.micro_batch_size={token_rows}", f"algorithm.micro_batch_tokens={budget}"]
+            if not no_packing:
+                variants["packed"] = [*variants["tokens"], "algorithm.packing=true"]
         recipes = {name: build_recipe(policy, prompts, work, name, args, extra) for name, extra in variants.items()}
         t = time.perf_counter()
         engine = VLLMEngine(str(policy), dtype="float32", seed=0, max_model_len=MAX_MODEL_LEN)
@@ -294,7 +313,8 @@ def main() -> None:
         finally:
             engine.close()
         if last_samples is not None:
-            result["options"] = options_table(last_samples, args.micro_batch_size, budget, token_rows, not missing)
+            result["options"] = options_table(last_samples, args.micro_batch_size, budget, token_rows, not missing,
+                                              not (missing or no_packing))
     result["wall_s"] = time.perf_counter() - t_start
     summarise(result)
     report(result)
@@ -303,21 +323,29 @@ def main() -> None:
 
 
 def summarise(r: dict) -> None:
+    """Each run against the rows run: padded/real, seconds of score + train per real token and their ratio (the
+    speedup), the median step time ratio. `r["headline"]`: the run the last line reports (packed, else tokens)."""
     rows = r["runs"]["rows"]["stage"]
     padded, real, work = tokens_of(rows)
+    m_rows = rows["per_step"][rows["first_measured_step"]:]
+    sec_rows = sum(p["score"] + p["train"] for p in m_rows)
     r["padded_over_real_rows"] = padded / real if real else float("nan")
-    r["speedup"] = float("nan")
-    if "tokens" in r["runs"]:
-        tk = r["runs"]["tokens"]["stage"]
-        tpadded, treal, twork = tokens_of(tk)
-        r["padded_over_real_tokens"] = tpadded / treal if treal else float("nan")
-        m_rows, m_tok = rows["per_step"][rows["first_measured_step"]:], tk["per_step"][tk["first_measured_step"]:]
-        sec_rows = sum(p["score"] + p["train"] for p in m_rows)
-        sec_tok = sum(p["score"] + p["train"] for p in m_tok)
-        r["seconds_per_real_token"] = {"rows": sec_rows / work, "tokens": sec_tok / twork}
-        r["speedup"] = (sec_rows / work) / (sec_tok / twork)
-        r["step_speedup_median"] = rows["spread"]["step"]["median"] / tk["spread"]["step"]["median"]
-        r["score_train_tokens_per_step"] = {"rows": work / len(m_rows), "tokens": twork / len(m_tok)}
+    r["versus_rows"], r["headline"] = {}, "rows"
+    for name in ("tokens", "packed"):
+        if name not in r["runs"]:
+            continue
+        st = r["runs"][name]["stage"]
+        padded_n, real_n, work_n = tokens_of(st)
+        measured = st["per_step"][st["first_measured_step"]:]
+        sec = sum(p["score"] + p["train"] for p in measured)
+        r["versus_rows"][name] = {
+            "padded_over_real": padded_n / real_n if real_n else float("nan"),
+            "seconds_per_real_token": {"rows": sec_rows / work, name: sec / work_n},
+            "speedup": (sec_rows / work) / (sec / work_n),
+            "step_speedup_median": rows["spread"]["step"]["median"] / st["spread"]["step"]["median"],
+            "score_train_tokens_per_step": {"rows": work / len(m_rows), name: work_n / len(measured)},
+        }
+        r["headline"] = name
 
 
 def report(r: dict) -> None:
@@ -331,7 +359,8 @@ def report(r: dict) -> None:
     for name, run in r["runs"].items():
         st = run["stage"]
         setting = (f"micro_batch_size {run['micro_batch_size']}" if name == "rows" else
-                   f"micro_batch_tokens {run['micro_batch_tokens']}, at most {run['micro_batch_size']} rows")
+                   f"micro_batch_tokens {run['micro_batch_tokens']}, at most {run['micro_batch_size']} rows"
+                   + (", packed" if name == "packed" else ""))
         print(f"\n[{name}] {setting}; seconds")
         if "last_batch_lengths" in run:
             q = run["last_batch_lengths"]
@@ -355,16 +384,17 @@ def report(r: dict) -> None:
         print("\nmicro-batching of the last batch's scoring forwards (no timing): setting, forwards, padded/real, largest forward")
         for o in r["options"]:
             print(f"  {o['setting']:<28} {o['forwards']:>4} {o['padded_over_real']:>6.2f} {o['largest_forward']:>7}")
-    if "tokens" in r["runs"]:
-        s = r["seconds_per_real_token"]
-        print(f"\nscore + train per real token: rows {s['rows'] * 1e6:.1f} us, tokens {s['tokens'] * 1e6:.1f} us "
-              f"(real tokens per step {r['score_train_tokens_per_step']['rows']:.0f} / {r['score_train_tokens_per_step']['tokens']:.0f}); "
-              f"padded/real rows {r['padded_over_real_rows']:.2f} -> tokens {r['padded_over_real_tokens']:.2f}; "
-              f"step time (median) rows/tokens {r['step_speedup_median']:.2f}")
-    else:
+    for name, v in r["versus_rows"].items():
+        s = v["seconds_per_real_token"]
+        print(f"\nscore + train per real token: rows {s['rows'] * 1e6:.1f} us, {name} {s[name] * 1e6:.1f} us "
+              f"(real tokens per step {v['score_train_tokens_per_step']['rows']:.0f} / "
+              f"{v['score_train_tokens_per_step'][name]:.0f}); padded/real rows {r['padded_over_real_rows']:.2f} -> "
+              f"{name} {v['padded_over_real']:.2f}; speedup {v['speedup']:.2f}; step time (median) rows/{name} "
+              f"{v['step_speedup_median']:.2f}")
+    if not r["versus_rows"]:
         print(f"\ntoken-budget run not measured: {r['token_budget_missing']}")
-    padded_over_real = r.get("padded_over_real_tokens", r["padded_over_real_rows"])
-    print(f"varlen: padded/real {padded_over_real:.2f}, speedup over row micro-batches {r['speedup']:.2f}")
+    head = r["versus_rows"].get(r["headline"], {"padded_over_real": r["padded_over_real_rows"], "speedup": float("nan")})
+    print(f"varlen: padded/real {head['padded_over_real']:.2f}, speedup over row micro-batches {head['speedup']:.2f}")
 
 
 if __name__ == "__main__":

@@ -38,9 +38,10 @@ class CompositeReward:
 
     @classmethod
     def from_recipe(cls, sources, device: torch.device, default_dtype: str = "float32", place=None,
-                    batch_size: int = 32) -> CompositeReward:
+                    batch_size: int = 32, max_tokens: int | None = None, packed: bool = False) -> CompositeReward:
         """Terms of the recipe's `rewards`. Reward models load in their term's dtype (else `default_dtype`, the
-        policy's), are put in place by `place` (see RewardModelScorer) and score `batch_size` sequences at a time."""
+        policy's), are put in place by `place` and score `batch_size` sequences at a time, within `max_tokens`
+        model-input tokens, `packed` or padded (see RewardModelScorer)."""
         from alignment.models import DTYPES
 
         terms = []
@@ -50,7 +51,8 @@ class CompositeReward:
                 from reward.scoring import RewardModelScorer
 
                 scorer = RewardModelScorer(src.path, device=device, normalize=src.normalize, batch_size=batch_size,
-                                           dtype=DTYPES[src.dtype or default_dtype], place=place)
+                                           dtype=DTYPES[src.dtype or default_dtype], place=place,
+                                           max_tokens=max_tokens, packed=packed)
                 fn: RewardFn = lambda prompts, completions, _s=scorer, **_: _s.score(prompts, completions).tolist()
             elif src.kind == "function":
                 fn = load_reward_function(src.function)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from alignment.errors import UserError
+from alignment.micro_batches import budget_groups, same_count_on_every_rank
 
 STATS_FILE = "reward_stats.json"
 
@@ -107,15 +108,19 @@ class RewardModelScorer:
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", normalize: bool = False,
                  batch_size: int = 32, max_length: int | None = None, dtype: torch.dtype = torch.float32,
-                 place: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+                 place: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 max_tokens: int | None = None, packed: bool = False):
         """`place` puts the loaded model where it scores (PPO: sharded under ZeRO-3 like the reference); by default
-        it is moved to `device`."""
+        it is moved to `device`. `batch_size` sequences per forward; with `max_tokens` also at most that many
+        model-input tokens, and then every rank must score together (the forward count is evened out across ranks
+        for ZeRO-3). `packed`: sequences back to back in one row, no padding (PPO's algorithm.packing)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"reward model '{path}' is not a directory")
         self.path, self.device, self.batch_size = path, torch.device(device), batch_size
+        self.max_tokens, self.packed = max_tokens, packed
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -149,19 +154,41 @@ class RewardModelScorer:
         if too_long:
             raise ValueError(f"{len(too_long)} sequence(s) longer than the reward model's max_length {self.max_length} "
                              f"(up to {max(too_long)} tokens); score() fits them by trimming their prompts")
-        pad = self.tokenizer.pad_token_id
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         rewards = torch.zeros(len(sequences))
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            batch = [torch.tensor(sequences[i], dtype=torch.long) for i in rows]
-            ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=pad).to(self.device)
-            lengths = torch.tensor([len(b) for b in batch])
-            mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long().to(self.device)
-            rewards[rows] = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
+        for group in self._micro_batches([len(sequences[i]) for i in order]):
+            rows = [order[k] for k in group]
+            forward = self._packed_forward if self.packed else self._padded_forward
+            rewards[rows] = forward([sequences[i] for i in rows]).float().cpu()
         if self.normalize:
             rewards = (rewards - self.stats["mean"]) / max(self.stats["std"], 1e-8)
         return rewards
+
+    def _micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Positions in `lengths` (ascending) per forward: `batch_size` each, or by the token budget."""
+        if self.max_tokens is None:
+            return [list(range(s, min(s + self.batch_size, len(lengths)))) for s in range(0, len(lengths), self.batch_size)]
+        input_tokens = (lambda a, b: sum(lengths[a:b])) if self.packed else (lambda a, b: (b - a) * lengths[b - 1])
+        groups = budget_groups(len(lengths), input_tokens, self.batch_size, self.max_tokens)
+        return same_count_on_every_rank(groups, lambda g: input_tokens(g[0], g[-1] + 1))
+
+    def _padded_forward(self, batch: list[list[int]]) -> torch.Tensor:
+        ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(s, dtype=torch.long) for s in batch], batch_first=True,
+                                              padding_value=self.tokenizer.pad_token_id).to(self.device)
+        mask = (torch.arange(ids.shape[1]) < torch.tensor([len(s) for s in batch])[:, None]).long().to(self.device)
+        return self.model(input_ids=ids, attention_mask=mask).logits[:, 0]
+
+    def _packed_forward(self, batch: list[list[int]]) -> torch.Tensor:
+        """The sequence-classification head at each sequence's last token, the sequences packed in one row (position
+        ids restarting at 0 for each: transformers' packed-sequence attention; see alignment/ppo/batch.py). The head
+        is read off the backbone directly: the model's own pooling finds the last token by padding, of which a packed
+        row has none."""
+        lengths = torch.tensor([len(s) for s in batch])
+        ids = torch.tensor([t for s in batch for t in s], dtype=torch.long)[None].to(self.device)
+        positions = (torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths))
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=ids, position_ids=positions[None].to(self.device), use_cache=False).last_hidden_state
+        return self.model.score(hidden[0, (torch.cumsum(lengths, 0) - 1).to(self.device)])[:, 0]
 
     def score(self, prompts: list, completions: list) -> torch.Tensor:
         """Rewards [B] for B (prompt, completion) pairs; prompts/completions are text or chat messages.

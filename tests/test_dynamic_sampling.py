@@ -520,3 +520,42 @@ def test_dynamic_sampling_at_its_bound_trains_on_what_there_is_or_skips(tiny_pat
     assert "step 1: dynamic sampling kept fewer groups with varied rewards than processes; step skipped (2 in this run" in said
     assert not (tmp_path / "none" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "none")
     assert (tmp_path / "none" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_a_resumed_run_with_dynamic_sampling_draws_and_trains_as_the_uninterrupted_one(tiny_paths, tiny_sft, vllm_engine,
+                                                                                       tmp_path):
+    """The refill rounds move the prompt stream by a number of prompts that depends on the rewards: a run resumed from
+    its step-2 checkpoint must continue from where the stream stood, with the same refill seeds, and train steps 3-4
+    exactly as the run that never stopped."""
+    import shutil
+
+    import alignment.stages.ppo as stage
+    from alignment.config.ppo import PPORecipe
+    from alignment.config.schema import load_recipe
+    from conftest import read_metrics
+
+    reward_file = tmp_path / "mentions.py"
+    reward_file.write_text(MENTIONS_ITEM)
+
+    def recipe(out):
+        return load_recipe(GRPO, PPORecipe, grpo_overrides(
+            tiny_paths, tiny_sft.final, out, f"rewards=[{{kind: function, function: '{reward_file}:mentions_item'}}]",
+            "train.steps=4", "output.save_steps=2", "train.prompts_per_step=8", "algorithm.dynamic_sampling.enabled=true",
+            "algorithm.dynamic_sampling.max_rounds=4"))
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    stage.run(recipe(straight), engine=vllm_engine)
+    # the state a run killed after its step-2 checkpoint leaves (the rerun drops the metrics past it)
+    shutil.copytree(straight, resumed, ignore=lambda d, names: [n for n in names if n in (".lock", "checkpoint-4", "final")])
+    stage.run(recipe(resumed), engine=vllm_engine)
+
+    expected, got = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in got] == [1, 2, 3, 4]
+    assert sum(m["dynamic/extra_rounds"] for m in expected[2:]) >= 1  # the resumed steps did refill
+    for want, have in zip(expected[2:], got[2:]):
+        for key in ("dynamic/generated_samples", "dynamic/kept_groups", "dynamic/dropped_groups", "dynamic/extra_rounds",
+                    "ppo/reward", "ppo/policy_loss", "ppo/kl", "ppo/response_length"):
+            assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (want["step"], key)
+    loop = lambda out: json.loads((out / "checkpoints" / "checkpoint-4" / "loop_state.json").read_text())["loop"]  # noqa: E731
+    assert loop(resumed) == loop(straight)

@@ -924,7 +924,8 @@ def test_token_budget_micro_batches_and_old_logprobs_from_training_in_the_stage(
                                                                                vllm_engine, tmp_path, monkeypatch):
     """GRPO, one epoch of one minibatch, KL in the loss: exactly on-policy, so the policy is forwarded by training alone
     (its log-probs before the update come from there) and `algorithm.micro_batch_tokens` caps every forward's padded
-    tokens. The run equals one that scores the policy first, in row micro-batches, up to float noise."""
+    tokens; with `algorithm.packing` every forward is one row of real tokens (the reward model's too). Each run equals
+    one that scores the policy first, in row micro-batches, up to float noise."""
     import torch
     from safetensors.torch import load_file
 
@@ -950,7 +951,8 @@ def test_token_budget_micro_batches_and_old_logprobs_from_training_in_the_stage(
     common = ["train.steps=2", "train.prompts_per_step=8", "algorithm.epochs=1", "algorithm.minibatches=1",
               "algorithm.micro_batch_size=8"]
     runs = {}
-    for name, extra in (("budget", ["algorithm.micro_batch_tokens=60"]), ("rows", [])):
+    for name, extra in (("budget", ["algorithm.micro_batch_tokens=60"]),
+                        ("packed", ["algorithm.micro_batch_tokens=60", "algorithm.packing=true"]), ("rows", [])):
         if name == "rows":  # the same run, its policy scored before the update as with several epochs
             monkeypatch.setattr(stage, "old_logprobs_come_from_training", lambda recipe: False)
         forwards.clear()
@@ -967,8 +969,33 @@ def test_token_budget_micro_batches_and_old_logprobs_from_training_in_the_stage(
         assert len(policy) == 1 and len(scored) == models_scored and (policy <= scored) == (models_scored == 2)
     assert all(tokens <= 60 or rows == 1 for _, rows, tokens, _ in budget_forwards)
     assert all(rows == 8 for _, rows, _, _ in rows_forwards) and len(budget_forwards) > len(rows_forwards)
-    for got, want in zip(runs["budget"][1], runs["rows"][1]):
-        for key in ("ppo/reward", "ppo/policy_loss", "ppo/kl", "ppo/entropy", "ppo/logprob_mismatch", "ppo/clip_fraction"):
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
-    for key, weight in runs["rows"][2].items():
-        torch.testing.assert_close(runs["budget"][2][key], weight, rtol=1e-4, atol=1e-5)
+    packed_forwards = runs["packed"][0]
+    assert all(rows == 1 for _, rows, _, _ in packed_forwards) and len(packed_forwards) < len(budget_forwards)
+    assert sum(tokens for *_, tokens, _ in packed_forwards) < sum(tokens for *_, tokens, _ in budget_forwards)
+    for name in ("budget", "packed"):
+        for got, want in zip(runs[name][1], runs["rows"][1]):
+            for key in ("ppo/reward", "ppo/policy_loss", "ppo/kl", "ppo/entropy", "ppo/logprob_mismatch",
+                        "ppo/clip_fraction"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (name, got["step"], key)
+        for key, weight in runs["rows"][2].items():
+            torch.testing.assert_close(runs[name][2][key], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_packing_stops_a_run_whose_model_ignores_packed_sequences(tiny_paths, tiny_sft, tiny_rm, vllm_engine, tmp_path,
+                                                                  monkeypatch):
+    """A model whose attention does not read packed position ids as separate sequences (transformers' detection
+    switched off here, as in an architecture without it) fails the first sync check packed but not padded: the run
+    stops before training, naming algorithm.packing."""
+    import transformers.masking_utils
+
+    import alignment.stages.ppo as stage
+    from alignment.errors import UserError
+
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    out = tmp_path / "out"
+    recipe = load_recipe(TINY_PPO.parent / "ppo_grpo.yaml", PPORecipe,
+                         [*tiny_ppo_overrides(tiny_paths, tiny_sft, tiny_rm, out, critic=False), "algorithm.packing=true"])
+    with pytest.raises(UserError, match=r"algorithm.packing: the policy scores packed sequences differently .* "
+                                        r"LlamaForCausalLM \(attn_implementation 'sdpa'\)"):
+        stage.run(recipe, engine=vllm_engine)
+    assert not (out / "metrics.jsonl").exists()

@@ -123,6 +123,7 @@ def _skipped_window_under_zero2() -> dict:
 # Completion lengths per rank: rank 0's long tail and rank 1's even lengths group differently under a token budget.
 COMPLETION_LENGTHS = ([1, 2, 3, 10, 12, 2], [8, 8, 8, 8, 1, 1])
 BUDGETS = (None, 20, 64, 10**6)
+PACKED = tuple(("packed", budget) for budget in (None, 20, 64))  # algorithm.packing: padding-free micro-batches
 
 
 def _rollouts(rank: int):
@@ -159,10 +160,12 @@ def _token_budget_training(rank: int, zero_stage: int) -> dict:
     from alignment.training import ZeroSettings, make_train_engine
 
     out = {}
-    for budget in BUDGETS:
+    for variant in (*BUDGETS, *PACKED):
+        packed, budget = variant if isinstance(variant, tuple) else (False, variant)
         recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes/tiny/ppo_grpo.yaml", PPORecipe,
                              ["algorithm.epochs=1", "algorithm.minibatches=1", "algorithm.micro_batch_size=4",
-                              f"algorithm.micro_batch_tokens={'null' if budget is None else budget}"], check_paths=False)
+                              f"algorithm.micro_batch_tokens={'null' if budget is None else budget}",
+                              f"algorithm.packing={bool(packed)}"], check_paths=False)
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
@@ -178,11 +181,11 @@ def _token_budget_training(rank: int, zero_stage: int) -> dict:
 
             engine.optimizer.step = spy_step
         batch = _rollouts(rank)
-        counts = len(batch.distributed_micro_batches(torch.arange(len(batch)), 4, budget))
+        counts = len(batch.distributed_micro_batches(torch.arange(len(batch)), 4, budget, bool(packed)))
         stats = stage._train_on_batch(batch, engine, None, recipe, 0.1, KL_ESTIMATORS["k3"], 0, torch.device("cpu"), 1.0,
                                       train_actor=True, generator_seed=0)
-        out[budget] = {"gradient": captured, "stats": stats, "micro_batches": counts,
-                       "local_micro_batches": len(batch.micro_batches(torch.arange(len(batch)), 4, budget))}
+        out[variant] = {"gradient": captured, "stats": stats, "micro_batches": counts,
+                        "local_micro_batches": len(batch.micro_batches(torch.arange(len(batch)), 4, budget, bool(packed)))}
     return out
 
 
@@ -245,7 +248,7 @@ def test_a_window_of_nan_micro_batches_takes_no_optimizer_step(two_ranks):
 def test_token_budget_micro_batches_give_the_row_micro_batch_gradient(two_ranks):
     for r in two_ranks:
         rows = r["token_budget"][None]
-        for budget in BUDGETS[1:]:
+        for budget in (*BUDGETS[1:], *PACKED):
             got = r["token_budget"][budget]
             for a, b in zip(got["gradient"], rows["gradient"]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -256,8 +259,12 @@ def test_token_budget_micro_batches_give_the_row_micro_batch_gradient(two_ranks)
     assert local[None] == [2, 2] and local[20][0] != local[20][1], local
     assert all(len({r["token_budget"][b]["micro_batches"] for r in two_ranks}) == 1 for b in BUDGETS)
     assert all(r["token_budget"][20]["micro_batches"] == max(local[20]) for r in two_ranks)
+    # packed, the budget counts real tokens only: never more forwards than padded under the same budget
+    packed = {b: [r["token_budget"][("packed", b)]["local_micro_batches"] for r in two_ranks] for b in (20, 64)}
+    assert all(p <= q for b in (20, 64) for p, q in zip(packed[b], local[b])), (packed, local)
+    assert all(len({r["token_budget"][v]["micro_batches"] for r in two_ranks}) == 1 for v in PACKED)
     # ZeRO-3 gathers every layer in each forward: unequal counts would hang there; equal ones train alike.
     for r in two_ranks:
-        for budget in BUDGETS[1:]:
+        for budget in (*BUDGETS[1:], *PACKED):
             assert r["token_budget_zero3"][budget]["stats"]["ppo/policy_loss"] == pytest.approx(
                 r["token_budget_zero3"][None]["stats"]["ppo/policy_loss"], rel=1e-5)

@@ -728,9 +728,74 @@ def test_token_budget_micro_batches_by_hand():
     as_lists = lambda groups: [g.tolist() for g in groups]  # noqa: E731
     # rows by length, padded as model_inputs pads: rows x (longest prompt + longest answer) <= the budget
     assert as_lists(batch.micro_batches(rows, 16, max_tokens=20)) == [[0, 1], [5, 2], [3], [4]]  # 12, 16, 13, 16
-    assert [batch.padded_tokens(g) for g in batch.micro_batches(rows, 16, max_tokens=20)] == [12, 16, 13, 16]
+    assert [batch.input_tokens(g) for g in batch.micro_batches(rows, 16, max_tokens=20)] == [12, 16, 13, 16]
     assert as_lists(batch.micro_batches(rows, 16, max_tokens=10)) == [[0], [1], [5], [2], [3], [4]]  # a long row alone
     assert as_lists(batch.micro_batches(rows, 2, max_tokens=10**6)) == [[0, 1], [5, 2], [3, 4]]  # and <= rows
     assert as_lists(batch.micro_batches(rows, 4)) == [[0, 1, 5, 2], [3, 4]]  # no budget: micro_batch_size rows
     # one process: the count is what the budget gives
     assert len(batch.distributed_micro_batches(rows, 16, max_tokens=20)) == 4
+
+
+def test_packed_micro_batches_by_hand():
+    """`algorithm.packing`: a micro-batch is its sequences back to back in one row (no padding), position ids
+    restarting at each; the budget counts real tokens; outputs land in the [b, T_mb] layout of padded inputs."""
+    from alignment.ppo.batch import RolloutBatch
+
+    prompts, answers = [[5, 6], [7], [8, 9, 10]], [[11, 12, 13], [14], []]
+    batch = RolloutBatch(prompt_ids=prompts, completion_ids=answers, finish_reasons=["stop"] * 3,
+                         prompt_rows=[0, 1, 2], mask=torch.ones(3, 3), sampler_logp=torch.zeros(3, 3), weight_version=0)
+    inputs = batch.model_inputs(torch.tensor([0, 1, 2]), pad_id=0, device=torch.device("cpu"), packed=True)
+    assert inputs.input_ids.tolist() == [[5, 6, 11, 12, 13, 7, 14, 8, 9, 10]] and inputs.attention_mask is None
+    assert inputs.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2]]
+    # the output at position 1 predicts 11, at 2 predicts 12, at 3 predicts 13, at 5 predicts 14; row 2 has no answer
+    assert inputs.logit_positions.tolist() == [1, 2, 3, 5] and inputs.completion_len == 3
+    assert [t.tolist() for t in inputs.completion_slots] == [[0, 0, 0, 1], [0, 1, 2, 0]]
+    assert inputs.unpack(torch.tensor([1.0, 2.0, 3.0, 4.0])).tolist() == [[1, 2, 3], [4, 0, 0], [0, 0, 0]]
+    # budgets count real tokens: 2 + 3 (row 1), 3 (row 2), 5 (row 0) sorted by length
+    rows = torch.arange(3)
+    assert [g.tolist() for g in batch.micro_batches(rows, 16, max_tokens=5, packed=True)] == [[1, 2], [0]]
+    assert [g.tolist() for g in batch.micro_batches(rows, 16, max_tokens=5)] == [[1], [2], [0]]  # padded: 2 x 4 > 5
+    assert batch.input_tokens(rows, packed=True) == 10 and batch.input_tokens(rows) == 3 * (3 + 3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "mistral", "phi3", "olmo2"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_forwards_equal_padded_ones(family, attention):
+    """Policy log-probs, entropy and their gradient, and critic values, of packed micro-batches equal those of padded
+    ones on the architectures users bring: transformers must read the packed position ids as separate sequences."""
+    import transformers
+
+    from alignment.ppo.batch import RolloutBatch
+    from alignment.ppo.forward import TokenValueModel, critic_forward, policy_forward
+    from helpers_models import FAMILIES
+
+    config_class, _, extra = FAMILIES[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+        max_position_embeddings=64, pad_token_id=0, num_labels=1, **extra)
+    config._attn_implementation = attention
+    gen = torch.Generator().manual_seed(0)
+    lengths = [(3, 5), (7, 1), (2, 9), (5, 4), (4, 0)]
+    batch = RolloutBatch(prompt_ids=[torch.randint(1, 32, (p,), generator=gen).tolist() for p, _ in lengths],
+                         completion_ids=[torch.randint(1, 32, (c,), generator=gen).tolist() for _, c in lengths],
+                         finish_reasons=["stop"] * 5, prompt_rows=list(range(5)), mask=torch.ones(5, 9),
+                         sampler_logp=torch.zeros(5, 9), weight_version=0)
+    for i, (_, c) in enumerate(lengths):
+        batch.mask[i, c:] = 0
+    torch.manual_seed(0)
+    policy = transformers.AutoModelForCausalLM.from_config(config)
+    critic = TokenValueModel(transformers.AutoModelForSequenceClassification.from_config(config))
+    results = {}
+    for packed in (False, True):
+        inputs = batch.model_inputs(torch.arange(5), pad_id=0, device=torch.device("cpu"), packed=packed)
+        policy.zero_grad()
+        logp, entropy = policy_forward(policy, inputs, temperature=0.7, with_entropy=True)
+        (logp * batch.mask).sum().backward()
+        results[packed] = (logp * batch.mask, entropy * batch.mask, critic_forward(critic, inputs) * batch.mask,
+                           [p.grad.clone() for p in policy.parameters()])
+    for padded, packed in zip(results[False][:3], results[True][:3]):
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
+    for padded, packed in zip(results[False][3], results[True][3]):
+        torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+    # the packed row is 40 real tokens; padded, 5 rows x (7 + 9)
+    assert batch.input_tokens(torch.arange(5), packed=True) == 40 and batch.input_tokens(torch.arange(5)) == 80

@@ -42,7 +42,7 @@ def test_rm_heldout_accuracy_well_above_chance(tiny_rm):
 def test_rm_export_scoring_and_stats(tiny_rm, tiny_paths):
     from transformers import AutoConfig
 
-    from reward.scoring import RewardModelScorer
+    from reward.scoring import RewardModelScorer, encode_many
 
     config = AutoConfig.from_pretrained(str(tiny_rm.final))
     assert config.num_labels == 1 and config.pad_token_id is not None
@@ -61,6 +61,18 @@ def test_rm_export_scoring_and_stats(tiny_rm, tiny_paths):
     assert raw.score(prompts, texts).tolist() == pytest.approx(chosen.tolist(), abs=1e-6)
     # batching does not change scores
     assert RewardModelScorer(tiny_rm.final, batch_size=5).score(prompts, texts).tolist() == pytest.approx(chosen.tolist(), abs=1e-5)
+    # nor do token budgets (PPO's algorithm.micro_batch_tokens) or packing (algorithm.packing): the spy sees the
+    # forwards the scorer really ran
+    for budget, packed in ((None, True), (60, False), (60, True), (10**6, True)):
+        scorer = RewardModelScorer(tiny_rm.final, batch_size=16, max_tokens=budget, packed=packed)
+        forwards = []
+        backbone = scorer.model.model
+        backbone.register_forward_hook(lambda module, args, out: forwards.append(out.last_hidden_state.shape[:2]))
+        assert scorer.score(prompts, texts).tolist() == pytest.approx(chosen.tolist(), abs=1e-5), (budget, packed)
+        real, fed = sum(map(len, encode_many(scorer.tokenizer, prompts, texts))), sum(r * n for r, n in forwards)
+        assert fed == real if packed else fed > real
+        assert all(shape[0] == 1 for shape in forwards) == packed
+        assert all(shape[0] * shape[1] <= budget or shape[0] == 1 for shape in forwards) if budget else len(forwards) == 4
     norm = RewardModelScorer(tiny_rm.final, normalize=True).score(prompts, texts)
     assert norm.tolist() == pytest.approx(((chosen - stats["mean"]) / stats["std"]).tolist(), abs=1e-5)
 

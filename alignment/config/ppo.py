@@ -154,8 +154,13 @@ class PPOAlgorithmSection:
     micro_batch_size: int = option(16, help="sequences per forward/backward pass", min=1)
     micro_batch_tokens: int | None = option(
         None, help="token-budget micro-batches: sequences grouped by length into forwards of at most this many padded "
-        "tokens (and micro_batch_size rows; a longer sequence goes alone), for scoring and training; the loss and its "
-        "gradient are those of row micro-batches (None: micro_batch_size rows each)", min=1)
+        "tokens (and micro_batch_size rows; a longer sequence goes alone), for scoring, training and reward-model "
+        "forwards; the loss and its gradient are those of row micro-batches (None: micro_batch_size rows each)", min=1)
+    packing: bool = option(
+        False, help="padding-free micro-batches for the policy, reference, critic and reward-model forwards: a "
+        "micro-batch's sequences back to back in one row, position ids restarting at each (transformers' packed "
+        "sequences: a block-diagonal mask with sdpa/eager attention, varlen kernels with flash_attention_2); "
+        "micro_batch_tokens then counts real tokens. The weight-sync check stops a run whose model ignores it")
     clip_low: float = option(0.2, help="ratio lower clip: 1 - clip_low", min=0.0)
     clip_high: float = option(0.2, help="ratio upper clip: 1 + clip_high", min=0.0)
     dual_clip: float | None = option(None, help="dual-clip constant c > 1 for negative advantages (Ye et al. 2020)", min=1.0)

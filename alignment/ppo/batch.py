@@ -2,8 +2,14 @@
 
 Per-token fields are [B, T] over completion tokens, T = the longest completion of the batch, with
 `mask` 1 for real completion tokens (up to and including EOS) and 0 for padding. Model inputs are built
-per micro-batch: prompts left-padded to the micro-batch's longest prompt, completions right-padded to
-its longest completion, so sorting micro-batches by length keeps padding small.
+per micro-batch, in one of two layouts:
+* padded (the default): prompts left-padded to the micro-batch's longest prompt, completions right-padded to
+  its longest completion, so sorting micro-batches by length keeps padding small;
+* packed (`algorithm.packing`): the micro-batch's sequences back to back in one row, no padding at all, position
+  ids restarting at 0 for each and no attention mask. transformers reads such position ids as packed sequences:
+  a block-diagonal causal mask with sdpa/eager attention (masking_utils.find_packed_sequence_indices), varlen
+  kernels with flash_attention_2 (modeling_flash_attention_utils._is_packed_sequence).
+Either way the forwards return [b, T_mb] per-token results, so the losses never see the layout.
 """
 
 from __future__ import annotations
@@ -12,17 +18,30 @@ from dataclasses import dataclass
 
 import torch
 
-from alignment.distributed import all_reduce_max
+from alignment.micro_batches import budget_groups, same_count_on_every_rank
 
 
 @dataclass
 class ModelInputs:
-    input_ids: torch.Tensor  # [b, P + T_mb]
-    attention_mask: torch.Tensor  # [b, P + T_mb]
-    position_ids: torch.Tensor  # [b, P + T_mb], 0 at each sequence's first real token (as vLLM numbers them)
-    completion_start: int  # P: index of the first completion token
+    input_ids: torch.Tensor  # padded: [b, P + T_mb]; packed: [1, N], N = the sequences' total length
+    attention_mask: torch.Tensor | None  # padded: [b, P + T_mb]; packed: None (the position ids delimit sequences)
+    position_ids: torch.Tensor  # 0 at each sequence's first real token (as vLLM numbers them)
+    completion_start: int  # padded: P, index of the first completion token
     completion_len: int  # T_mb: completion positions in this micro-batch (<= T of the batch)
     indices: torch.Tensor  # [b] rows of the batch these inputs hold
+    # Packed only: the position in the row whose output predicts each real completion token [K], and where that token
+    # sits in the micro-batch's [b, T_mb] layout (rows [K], columns [K]).
+    logit_positions: torch.Tensor | None = None
+    completion_slots: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.logit_positions is not None
+
+    def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
+        """[K] results at `logit_positions` -> [b, T_mb], zero at padding (differentiable)."""
+        out = per_token.new_zeros(len(self.indices), self.completion_len)
+        return out.index_put(self.completion_slots, per_token)
 
 
 @dataclass
@@ -69,66 +88,59 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
-    def micro_batches(self, indices: torch.Tensor, micro_batch_size: int, max_tokens: int | None = None) -> list[torch.Tensor]:
+    def micro_batches(self, indices: torch.Tensor, micro_batch_size: int, max_tokens: int | None = None,
+                      packed: bool = False) -> list[torch.Tensor]:
         """Split `indices`, sorted by length, into micro-batches.
 
         Without `max_tokens`: ceil(n / micro_batch_size) micro-batches of similar length; the count depends only on
         n, so every rank runs the same number of forwards (ZeRO-3 needs that). With `max_tokens`: as many rows as fit
-        in that many padded tokens (rows x (longest prompt + longest completion), as `model_inputs` pads them; a
-        longer row alone), at most `micro_batch_size`: short answers share a forward, long ones do not drag padding
-        along. The count then depends on the lengths: `distributed_micro_batches` makes it the same on every rank.
+        in that many model-input tokens (`input_tokens`: padded rows x (longest prompt + longest completion), packed
+        the sum of the lengths; a longer row alone), at most `micro_batch_size`: short answers share a forward, long
+        ones do not drag padding along. The count then depends on the lengths: `distributed_micro_batches` makes it
+        the same on every rank.
         """
         rows = indices.tolist()
-        prompt_len = [len(self.prompt_ids[i]) for i in rows]
-        completion_len = [len(self.completion_ids[i]) for i in rows]
-        order = sorted(range(len(rows)), key=lambda k: prompt_len[k] + completion_len[k])  # stable
+        order = sorted(range(len(rows)), key=lambda k: self._length(rows[k]))  # stable
         ordered = indices[torch.tensor(order, dtype=torch.long)] if rows else indices
         if max_tokens is None:
             return list(torch.split(ordered, micro_batch_size))
-        groups, start, longest_prompt, longest_completion = [], 0, 0, 0
-        for pos, k in enumerate(order):
-            p, c = max(longest_prompt, prompt_len[k]), max(longest_completion, completion_len[k])
-            if pos > start and (_padded_size(pos - start + 1, p, c) > max_tokens or pos - start == micro_batch_size):
-                groups.append(ordered[start:pos])
-                start, p, c = pos, prompt_len[k], completion_len[k]
-            longest_prompt, longest_completion = p, c
-        if rows:
-            groups.append(ordered[start:])
-        return groups
+        groups = budget_groups(len(rows), lambda a, b: self.input_tokens(ordered[a:b], packed), micro_batch_size,
+                               max_tokens)
+        return [ordered[g[0]:g[-1] + 1] for g in groups]
 
     def distributed_micro_batches(self, indices: torch.Tensor, micro_batch_size: int,
-                                  max_tokens: int | None = None) -> list[torch.Tensor]:
-        """`micro_batches`, with the same count on every rank: a rank with fewer splits its largest micro-batches
-        (by padded tokens) in two until it has as many as the rank with the most. Every rank holds as many rows, so
-        the count never needs to exceed them."""
-        groups = self.micro_batches(indices, micro_batch_size, max_tokens)
+                                  max_tokens: int | None = None, packed: bool = False) -> list[torch.Tensor]:
+        """`micro_batches`, with the same count on every rank (with `max_tokens`; without, it is already)."""
+        groups = self.micro_batches(indices, micro_batch_size, max_tokens, packed)
         if max_tokens is None:
             return groups
-        target = all_reduce_max(len(groups))
-        while len(groups) < target:
-            k = max((g for g in range(len(groups)) if len(groups[g]) > 1), key=lambda g: self.padded_tokens(groups[g]))
-            half = len(groups[k]) // 2
-            groups[k:k + 1] = [groups[k][:half], groups[k][half:]]
-        return groups
+        return same_count_on_every_rank(groups, lambda g: self.input_tokens(g, packed))
 
-    def padded_tokens(self, indices: torch.Tensor) -> int:
+    def _length(self, row: int) -> int:
+        return len(self.prompt_ids[row]) + len(self.completion_ids[row])
+
+    def input_tokens(self, indices: torch.Tensor, packed: bool = False) -> int:
         """Tokens `model_inputs` feeds the model for these rows (padding included)."""
         rows = indices.tolist()
+        if packed:
+            return sum(self._length(i) for i in rows)
         return _padded_size(len(rows), max(len(self.prompt_ids[i]) for i in rows),
                             max(len(self.completion_ids[i]) for i in rows))
 
-    def model_inputs(self, indices: torch.Tensor, pad_id: int, device: torch.device) -> ModelInputs:
+    def model_inputs(self, indices: torch.Tensor, pad_id: int, device: torch.device, packed: bool = False) -> ModelInputs:
         rows = indices.tolist()
         prompts, completions = [self.prompt_ids[i] for i in rows], [self.completion_ids[i] for i in rows]
         prompt_len = torch.tensor([len(p) for p in prompts])
         completion_len = torch.tensor([len(c) for c in completions])
         seq_len = prompt_len + completion_len
-        P = int(prompt_len.max())
         T = max(1, int(completion_len.max()))
-        # One scatter instead of a tensor per row: token k of row r goes to column (P - prompt_len[r]) + k.
         tokens = torch.tensor([t for p, c in zip(prompts, completions) for t in (*p, *c)], dtype=torch.long)
-        row = torch.repeat_interleave(torch.arange(len(rows)), seq_len)
         first = torch.cumsum(seq_len, 0) - seq_len  # index in `tokens` of each row's first token
+        if packed:
+            return _packed_inputs(tokens, first, prompt_len, completion_len, T, indices, device)
+        P = int(prompt_len.max())
+        # One scatter instead of a tensor per row: token k of row r goes to column (P - prompt_len[r]) + k.
+        row = torch.repeat_interleave(torch.arange(len(rows)), seq_len)
         col = torch.repeat_interleave(P - prompt_len - first, seq_len) + torch.arange(len(tokens))
         input_ids = torch.full((len(rows), P + T), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), P + T), dtype=torch.long)
@@ -144,3 +156,17 @@ def _padded_size(rows: int, longest_prompt: int, longest_completion: int) -> int
     """Tokens of a micro-batch as `RolloutBatch.model_inputs` pads it: prompts left-padded to the longest, completions
     right-padded to the longest (at least one position)."""
     return rows * (longest_prompt + max(longest_completion, 1))
+
+
+def _packed_inputs(tokens: torch.Tensor, first: torch.Tensor, prompt_len: torch.Tensor, completion_len: torch.Tensor,
+                   T: int, indices: torch.Tensor, device: torch.device) -> ModelInputs:
+    """The sequences `tokens` holds back to back (row r from `first[r]`) as one packed row."""
+    seq_len = prompt_len + completion_len
+    position_ids = torch.arange(len(tokens)) - torch.repeat_interleave(first, seq_len)
+    # Completion token t of row r sits at first[r] + prompt_len[r] + t; the position before it predicts it.
+    slot_rows = torch.repeat_interleave(torch.arange(len(indices)), completion_len)
+    slot_cols = torch.arange(int(completion_len.sum())) - torch.repeat_interleave(
+        torch.cumsum(completion_len, 0) - completion_len, completion_len)
+    logit_positions = torch.repeat_interleave(first + prompt_len - 1, completion_len) + slot_cols
+    return ModelInputs(tokens[None].to(device), None, position_ids[None].to(device), 0, T, indices,
+                       logit_positions.to(device), (slot_rows.to(device), slot_cols.to(device)))

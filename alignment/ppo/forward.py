@@ -14,13 +14,18 @@ def policy_forward(
     model: torch.nn.Module, inputs: ModelInputs, temperature: float, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (logp [b, T_mb], entropy [b, T_mb] or None) of the completion tokens under softmax(logits / T)."""
-    # Logits only at the positions that predict completion tokens (P-1 .. L-2): the LM head over prompt positions
-    # would be wasted work, a large share of it with 100k+ token vocabularies and long prompts.
+    # Logits only at the positions that predict completion tokens: the LM head over prompt positions would be wasted
+    # work, a large share of it with 100k+ token vocabularies and long prompts. Padded: the last T_mb + 1 positions
+    # (P-1 .. L-1, the last dropped); packed: exactly the predicting positions (HF takes a tensor of indices).
+    keep = inputs.logit_positions if inputs.packed else inputs.completion_len + 1
     logits = model(
         input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, use_cache=False,
-        logits_to_keep=inputs.completion_len + 1,
-    ).logits[:, :-1]
-    return token_logprobs(logits, inputs.input_ids[:, inputs.completion_start :], temperature, with_entropy)
+        logits_to_keep=keep,
+    ).logits
+    if not inputs.packed:
+        return token_logprobs(logits[:, :-1], inputs.input_ids[:, inputs.completion_start :], temperature, with_entropy)
+    logp, entropy = token_logprobs(logits, inputs.input_ids[:, inputs.logit_positions + 1], temperature, with_entropy)
+    return inputs.unpack(logp[0]), inputs.unpack(entropy[0]) if entropy is not None else None
 
 
 class TokenValueModel(torch.nn.Module):
@@ -50,6 +55,8 @@ class TokenValueModel(torch.nn.Module):
 def critic_forward(critic: torch.nn.Module, inputs: ModelInputs) -> torch.Tensor:
     """Per-token values [b, T_mb]: values[:, t] is V of the state before completion token t (position P + t - 1)."""
     values = critic(inputs.input_ids, inputs.attention_mask, inputs.position_ids)
+    if inputs.packed:
+        return inputs.unpack(values[0, inputs.logit_positions])
     return values[:, inputs.completion_start - 1 : -1]
 
 

@@ -167,7 +167,8 @@ def run(recipe: PPORecipe, engine=None) -> None:
         # scores micro-batches as the other models do (32 whole sequences at once took 6.8 GiB at 7B).
         reward = CompositeReward.from_recipe(recipe.rewards, dev, recipe.policy.dtype,
                                              place=lambda model: make_inference_model(model, zero),
-                                             batch_size=algo.micro_batch_size)
+                                             batch_size=algo.micro_batch_size, max_tokens=algo.micro_batch_tokens,
+                                             packed=algo.packing)
     if train.gradient_checkpointing:
         enable_gradient_checkpointing(policy_model)
         if value_model is not None:
@@ -205,7 +206,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
     # The engine may hold other weights (a resumed run, a shared engine): make it serve the policy's.
     sync_weights(engine, policy, version=state.step)
     sync_check = SyncCheck(prompt_ids, recipe.rollout.sync_check_tolerance_for(recipe.policy.dtype),
-                           recipe.rollout.sync_check_max_bad, seed=train.seed)
+                           recipe.rollout.sync_check_max_bad, seed=train.seed, packed=algo.packing)
     sync_check(engine, policy, tokenizer.pad_token_id, dev, state.step, rank)
     if rank == 0:
         save_resolved(recipe, out, "ppo")
@@ -675,8 +676,9 @@ def _score_tokens(batch, policy, reference, critic, pad_id, dev, temperature, al
     B, T = batch.mask.shape
     batch.old_logp, batch.ref_logp, entropy = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
     batch.values = torch.zeros(B, T) if critic is not None else None
-    for idx in batch.distributed_micro_batches(torch.arange(B), algo.micro_batch_size, algo.micro_batch_tokens):
-        inputs = batch.model_inputs(idx, pad_id, dev)
+    for idx in batch.distributed_micro_batches(torch.arange(B), algo.micro_batch_size, algo.micro_batch_tokens,
+                                               algo.packing):
+        inputs = batch.model_inputs(idx, pad_id, dev, algo.packing)
         n = inputs.completion_len
         if with_policy:
             logp, ent = policy_forward(policy, inputs, temperature, with_entropy=True)
@@ -718,8 +720,9 @@ def _train_on_batch(batch, policy, critic, recipe, kl_coef, kl_fn, pad_id, dev, 
             # One optimizer step per model per minibatch; a window whose micro-batches were all NaN/inf takes none.
             actor_window = AccumulationWindow(policy) if train_actor else None
             critic_window = AccumulationWindow(critic) if critic is not None else None
-            for idx in batch.distributed_micro_batches(minibatch, algo.micro_batch_size, algo.micro_batch_tokens):
-                inputs = batch.model_inputs(idx, pad_id, dev)
+            for idx in batch.distributed_micro_batches(minibatch, algo.micro_batch_size, algo.micro_batch_tokens,
+                                                       algo.packing):
+                inputs = batch.model_inputs(idx, pad_id, dev, algo.packing)
                 n = inputs.completion_len
                 mask = batch.mask[idx, :n].to(dev)
 
