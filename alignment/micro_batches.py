@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from alignment.distributed import all_reduce_max
 
 Group = list[int]  # positions in the caller's length-sorted order
@@ -38,3 +40,10 @@ def same_count_on_every_rank(groups: list, input_tokens: Callable[[object], int]
         half = len(groups[k]) // 2
         groups[k:k + 1] = [groups[k][:half], groups[k][half:]]
     return groups
+
+
+def index_within_segment(lengths: torch.Tensor) -> torch.Tensor:
+    """For segments of `lengths` laid back to back, each element's index within its own segment [sum(lengths)]:
+    the position ids of a packed row (0 at each sequence's first token), or a token's column within its answer."""
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(int(lengths.sum())) - torch.repeat_interleave(starts, lengths)

@@ -4,7 +4,7 @@ Recipe: `kind: function, function: reward.code:unit_test_reward`. The prompt dat
 a string of Python (typically asserts) or a list of such strings, run after the completion's code.
 
 The program is the last ```python (or ```py, ```python3, bare ```) fenced block of the completion, else its whole
-text; a chat completion ([{"role": "assistant", "content": ...}]) gives its last message's content.
+text; a chat completion ([{"role": "assistant", "content": ...}]) gives its last assistant message's content.
 
 Reward: 1.0 when the program and all its tests run to the end, else 0.0: a failed assert, an exception, a syntax
 error, a crash, a timeout, the memory or process limit. Binary, one run per completion, not a fraction of asserts.
@@ -28,6 +28,7 @@ import secrets
 
 from alignment.errors import DataError
 from reward import sandbox
+from reward.functions import completion_text
 
 FENCED = re.compile(r"```(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL)
 _sandbox_checked = False
@@ -50,8 +51,8 @@ def unit_test_reward(prompts: list, completions: list, **columns) -> list[float]
 
 def extract_code(completion: str | list[dict]) -> str:
     """The last fenced Python block of the completion, else its whole text; chat completions give their last
-    message's content."""
-    text = completion[-1]["content"] if isinstance(completion, list) else completion
+    assistant message's content."""
+    text = completion_text(completion)
     blocks = FENCED.findall(text)
     return blocks[-1] if blocks else text
 

@@ -37,3 +37,14 @@ def load_reward_function(spec: str) -> Callable[..., list[float]]:
     if not callable(fn):
         raise UserError(f"'{name}' is not a function in '{where}'")
     return fn
+
+
+def completion_text(completion: str | list[dict]) -> str:
+    """The text a rule reward reads: the completion itself, or its last assistant message's content."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)):
+        replies = [m for m in completion if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
+        content = replies[-1].get("content") if replies else None
+        return content if isinstance(content, str) else ""
+    raise TypeError(f"completion must be text or chat messages, got {type(completion).__name__}")

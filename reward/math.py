@@ -42,6 +42,7 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 from alignment.errors import UserError
 from alignment.lifetime import die_with_parent
+from reward.functions import completion_text
 
 TIMEOUT_S = 5.0  # per completion: parsing it and its gold, and comparing them
 STARTUP_TIMEOUT_S = 120.0  # the helper's imports (sympy, math-verify), on a busy machine
@@ -61,17 +62,6 @@ def math_reward(prompts: list, completions: list, answer: list | None = None, **
         raise ValueError(f"math_reward: {len(completions)} completions but {len(answer)} answers")
     pairs = [(completion_text(c), gold_text(a)) for c, a in zip(completions, answer)]
     return _HELPER.score(pairs)
-
-
-def completion_text(completion: str | list[dict]) -> str:
-    """The text to read an answer from: the completion itself, or its last assistant message's content."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, (list, tuple)):
-        replies = [m for m in completion if isinstance(m, dict) and m.get("role", "assistant") == "assistant"]
-        content = replies[-1].get("content") if replies else None
-        return content if isinstance(content, str) else ""
-    raise TypeError(f"completion must be text or chat messages, got {type(completion).__name__}")
 
 
 def gold_text(answer: Any) -> str | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from alignment.errors import UserError
-from alignment.micro_batches import budget_groups, same_count_on_every_rank
+from alignment.micro_batches import budget_groups, index_within_segment, same_count_on_every_rank
 
 STATS_FILE = "reward_stats.json"
 
@@ -185,7 +185,7 @@ class RewardModelScorer:
         row has none."""
         lengths = torch.tensor([len(s) for s in batch])
         ids = torch.tensor([t for s in batch for t in s], dtype=torch.long)[None].to(self.device)
-        positions = (torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths))
+        positions = index_within_segment(lengths)
         backbone = getattr(self.model, self.model.base_model_prefix)
         hidden = backbone(input_ids=ids, position_ids=positions[None].to(self.device), use_cache=False).last_hidden_state
         return self.model.score(hidden[0, (torch.cumsum(lengths, 0) - 1).to(self.device)])[:, 0]

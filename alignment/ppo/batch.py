@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignment.micro_batches import budget_groups, same_count_on_every_rank
+from alignment.micro_batches import budget_groups, index_within_segment, same_count_on_every_rank
 
 
 @dataclass
@@ -162,11 +162,10 @@ def _packed_inputs(tokens: torch.Tensor, first: torch.Tensor, prompt_len: torch.
                    T: int, indices: torch.Tensor, device: torch.device) -> ModelInputs:
     """The sequences `tokens` holds back to back (row r from `first[r]`) as one packed row."""
     seq_len = prompt_len + completion_len
-    position_ids = torch.arange(len(tokens)) - torch.repeat_interleave(first, seq_len)
+    position_ids = index_within_segment(seq_len)
     # Completion token t of row r sits at first[r] + prompt_len[r] + t; the position before it predicts it.
     slot_rows = torch.repeat_interleave(torch.arange(len(indices)), completion_len)
-    slot_cols = torch.arange(int(completion_len.sum())) - torch.repeat_interleave(
-        torch.cumsum(completion_len, 0) - completion_len, completion_len)
+    slot_cols = index_within_segment(completion_len)
     logit_positions = torch.repeat_interleave(first + prompt_len - 1, completion_len) + slot_cols
     return ModelInputs(tokens[None].to(device), None, position_ids[None].to(device), 0, T, indices,
                        logit_positions.to(device), (slot_rows.to(device), slot_cols.to(device)))
