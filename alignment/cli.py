@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
     tiny = sub.add_parser("tiny", help="build the built-in tiny model, tokenizer and datasets (no hub needed)")
-    tiny.add_argument("--out", default="outputs/tiny", help="output directory (default: outputs/tiny)")
+    tiny.add_argument("--out", default=None, help="output directory (default: outputs/tiny, or outputs/tiny_lookup)")
+    tiny.add_argument("--task", choices=["review", "lookup"], default="review",
+                      help="review: the tiny default (SFT, reward model, PPO); lookup: the tiny tool-use task "
+                      "(alignment.tiny.lookup)")
     tiny.add_argument("--verbose", action="store_true", help="show the libraries' output on the console")
 
     for name, stage in STAGES.items():
@@ -103,12 +106,15 @@ def _run(args: argparse.Namespace) -> None:
     exit_with_launcher_or_parent()  # a rank or a server we launched must not outlive what started it
     if args.command == "tiny":
         from alignment.tiny import build_tiny
+        from alignment.tiny.lookup import build_tiny_lookup
 
         if console.should_capture(args.verbose):
             console.capture("tiny")
-        paths = build_tiny(args.out)
+        build, default_out, what = {"review": (build_tiny, "outputs/tiny", "tiny default"),
+                                    "lookup": (build_tiny_lookup, "outputs/tiny_lookup", "tiny tool-use task")}[args.task]
+        paths = build(args.out or default_out)
         console.keep_log_in(paths.root)
-        console.say(f"tiny default written to {paths.root}")
+        console.say(f"{what} written to {paths.root}")
         return
     if args.command == "rollout":
         from rollout.serve import serve_from_args

@@ -357,7 +357,7 @@ def plan_ppo(recipe, launch: Launch, prompt_tokens: int, resolve=lambda path: pa
     """PPO: policy and critic train, reference and reward models score. `prompt_tokens`: the longest prompt (the
     stage knows it; `alignment validate` bounds it by rollout.max_model_len)."""
     algo, train = recipe.algorithm, recipe.train
-    new_tokens = recipe.rollout.sampling.max_new_tokens
+    new_tokens = recipe.rollout.completion_tokens()
     seq = min(prompt_tokens + new_tokens, recipe.rollout.max_model_len)
     tokens = algo.micro_batch_size * seq
     if algo.micro_batch_tokens is not None:  # a token budget; one sequence longer than it goes alone

@@ -1,7 +1,13 @@
-"""The total reward of a PPO recipe: a weighted sum of reward-model, Python-function and HTTP terms."""
+"""The total reward of a PPO recipe: a weighted sum of reward-model, Python-function and HTTP terms.
+
+A reward function may be `async def`: the async terms of a call are awaited together, so slow verifiers (remote
+sandboxes, judges) overlap.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -62,7 +68,20 @@ class CompositeReward:
         return cls(terms)
 
     def __call__(self, prompts: list, completions: list[str], columns: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        parts = {t.name: torch.tensor(t.fn(prompts=prompts, completions=completions, **columns), dtype=torch.float32) for t in self.terms}
+        values = {t.name: t.fn(prompts=prompts, completions=completions, **columns) for t in self.terms}
+        values.update(_awaited({name: v for name, v in values.items() if inspect.isawaitable(v)}))
+        parts = {name: torch.tensor(v, dtype=torch.float32) for name, v in values.items()}
         total = sum(t.weight * parts[t.name] for t in self.terms)
         self.trimmed = {name: scorer.last_trimmed for name, scorer in self.scorers.items()}
         return total, parts
+
+
+def _awaited(pending: dict[str, object]) -> dict[str, list[float]]:
+    """The results of async reward functions (`async def`: a remote verifier, a judge), awaited together."""
+    if not pending:
+        return {}
+
+    async def gather():
+        return await asyncio.gather(*pending.values())
+
+    return dict(zip(pending, asyncio.run(gather())))

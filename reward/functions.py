@@ -6,37 +6,18 @@ A reward function has TRL's signature: fn(prompts, completions, **columns) -> li
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from pathlib import Path
 from typing import Callable
 
-from alignment.errors import UserError
+from alignment.user_code import load_callable
 
 
 def load_reward_function(spec: str) -> Callable[..., list[float]]:
-    if ":" not in spec:
-        raise UserError(f"reward function '{spec}' must look like 'module:function' or 'file.py:function'")
-    where, name = spec.rsplit(":", 1)
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise UserError(f"reward function file '{where}' does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"reward_fn_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        try:
-            module_spec.loader.exec_module(module)
-        except Exception as exc:  # the user's file: report its error in one line
-            raise UserError(f"reward function file '{where}' failed to import: {type(exc).__name__}: {exc}") from None
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as exc:
-            raise UserError(f"cannot import module '{where}' for reward function '{spec}': {exc}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise UserError(f"'{name}' is not a function in '{where}'")
-    return fn
+    return load_callable(spec, "reward function")
+
+
+def environment_reward(prompts, completions, env_reward, **columns) -> list[float]:
+    """The reward a multi-turn trajectory's environment gave (summed over its steps; 0 when it gave none)."""
+    return [float(r) if r is not None else 0.0 for r in env_reward]
 
 
 def completion_text(completion: str | list[dict]) -> str:

@@ -57,15 +57,20 @@ class SamplingConfig:
 
 @dataclass
 class Sample:
-    """One completion of one prompt."""
+    """One completion of one prompt; or one multi-turn trajectory (rollout/multi_turn.py), whose completion is every
+    token after the prompt: the model's turns as sampled and the environment's turns between them."""
 
     prompt_index: int  # index into the prompts passed to generate
     prompt_ids: list[int]
     completion_ids: list[int]
-    text: str  # decoded completion (a matched stop string is not included)
-    logprobs: list[float]  # log p of each completion token under the distribution it was sampled from
+    text: str  # decoded completion (a matched stop string is not included); multi-turn: the model's last turn
+    logprobs: list[float]  # log p of each completion token under the distribution it was sampled from (0: environment)
     finish_reason: str  # "stop" (EOS / stop token / stop string) or "length"
     weight_version: int  # version of the weights that generated it
+    # Multi-turn only (None for one completion): 1 for each completion token the model sampled, 0 for the
+    # environment's; and what happened in the episode (turns, tool calls, errors by reason, the environment's reward).
+    completion_mask: list[int] | None = None
+    episode: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -21,7 +21,7 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def save_family_model(family: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def save_family_model(family: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0, max_positions: int = 256) -> Path:
     """A random 2-layer model of `family` (hidden 128, 2 heads of 64) with the tokenizer of `tokenizer_dir`."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,7 +30,7 @@ def save_family_model(family: str, out_dir: Path, tokenizer_dir: Path, seed: int
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = getattr(transformers, cls_name)(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        head_dim=64, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        head_dim=64, max_position_embeddings=max_positions, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **{"num_key_value_heads": 2, **overrides},
     )
     with torch.random.fork_rng(devices=[]):

@@ -54,7 +54,7 @@ def test_missing_column(tmp_path):
 
 def test_wrong_message_role(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}]
-    assert "row 1: 'messages' message 2 has role 'bot' (expected one of system, user, assistant)" in error_of(tmp_path, rows)
+    assert "row 1: 'messages' message 2 has role 'bot' (expected one of system, user, assistant, tool)" in error_of(tmp_path, rows)
 
 
 def test_message_content_must_be_string(tmp_path):

@@ -246,9 +246,10 @@ def _draw_worker(rank: int, port: int, out_dir: str) -> None:
                                                "algorithm.dynamic_sampling.enabled=true",
                                                f"algorithm.dynamic_sampling.max_rounds={rounds}"], check_paths=False)
         engine = _FakeEngine() if rank == 0 else None
-        rollouts = RolloutSchedule(engine, prompt_ids, recipe.rollout.sampling, ahead=False) if rank == 0 else None
+        rollouts = (RolloutSchedule(lambda rows, cfg: engine.generate([prompt_ids[r] for r in rows], cfg),
+                                    recipe.rollout.sampling, ahead=False) if rank == 0 else None)
         reward, state = _RuleReward(rule), stage.LoopState()
-        drawn = stage._draw_groups_with_signal(1, state, rank, 2, engine, rollouts, reward, recipe, prompt_ids, columns,
+        drawn = stage._draw_groups_with_signal(1, state, rank, 2, rollouts, reward, recipe, prompt_ids, columns,
                                                ["item"])
         results[name] = {"rows": drawn.rows, "raw": drawn.raw, "parts": drawn.parts, "groups": drawn.groups,
                          "with_signal": drawn.groups_with_signal, "metrics": drawn.metrics, "scored": reward.scored,

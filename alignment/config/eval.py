@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from alignment.config.schema import option, required
-from alignment.config.sections import SamplingSection, recipe
+from alignment.config.sections import MultiTurnSection, SamplingSection, recipe
 
 
 @recipe
@@ -115,6 +115,10 @@ class EvalRecipe:
         ["bleu", "rougeL"], help="metrics against the reference answers: sentence BLEU (sacrebleu, 0-100) and ROUGE F1 "
         "(rouge-score, 0-1), best over a prompt's references; reported like scorers, with CIs")
     stats: StatsSection = option(StatsSection(), help="bootstrap settings")
+    multi_turn: MultiTurnSection | None = option(
+        None, help="evaluate multi-turn episodes with tools or an environment (the section of PPO's rollout.multi_turn): "
+        "scorers read each episode's last turn (and `env_reward`); the report adds turns, tool calls and errors per "
+        "policy. sampling.max_new_tokens bounds each turn")
     output_dir: str = required(help="where report.md, report.html, results.json, samples.jsonl and plots/ go")
 
     def check(self) -> list[str]:
@@ -130,6 +134,11 @@ class EvalRecipe:
         scorer_names = [s.label() for s in self.scorers] + (["gold"] if self.gold_metric else [])
         if len(set(scorer_names)) != len(scorer_names):
             errors.append(f"scorers: names must be unique; got {', '.join(scorer_names)} (set `name:`)")
+        if self.multi_turn is not None:
+            errors += self.multi_turn.check("multi_turn")
+            if self.multi_turn.max_tokens >= self.rollout.max_model_len:
+                errors.append(f"multi_turn.max_tokens ({self.multi_turn.max_tokens}): must leave room for the prompt in "
+                              f"rollout.max_model_len ({self.rollout.max_model_len})")
         if self.primary is not None and self.primary not in scorer_names:
             errors.append(f"primary: '{self.primary}' is not a scorer name; choose one of {', '.join(scorer_names) or '(none)'}")
         return errors

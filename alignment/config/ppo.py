@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Literal
 
 from alignment.config.schema import option, required
-from alignment.config.sections import DataSection, GoldEvalSection, ModelSection, OutputSection, SamplingSection, recipe
+from alignment.config.sections import (
+    DataSection,
+    GoldEvalSection,
+    ModelSection,
+    MultiTurnSection,
+    OutputSection,
+    SamplingSection,
+    recipe,
+)
 
 # Must equal the keys of alignment.ppo.ADVANTAGE_ESTIMATORS (a test checks); kept literal so validation imports no torch.
 ADVANTAGE_CHOICES = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce++", "reinforce++_baseline"]
@@ -59,6 +67,8 @@ class RolloutSection:
     dtype: Literal["float32", "bfloat16", "float16"] | None = option(
         None, help="the rollout engine's weights dtype (None: the policy's, so that its log-probs match the trainer's)")
     sampling: SamplingSection = option(SamplingSection(samples_per_prompt=4), help="sampling parameters")
+    multi_turn: MultiTurnSection | None = option(
+        None, help="multi-turn rollouts with tools or an environment (None: one completion per sample)")
     async_generation: bool = option(
         False, help="generate the next step's rollouts while this step scores and trains: samples are one policy "
         "update old (algorithm.tis_cap corrects for it); a step then takes about max(generate, score + train)")
@@ -86,6 +96,10 @@ class RolloutSection:
         if self.sleep:
             errors.append("rollout.sleep: needs the engine on a GPU (on CPU nothing is gained: turn it off)")
         return errors
+
+    def completion_tokens(self) -> int:
+        """The most tokens a sample has after its prompt: one answer, or a multi-turn trajectory's budget."""
+        return self.multi_turn.max_tokens if self.multi_turn is not None else self.sampling.max_new_tokens
 
     def engine_dtype(self, policy_dtype: str) -> str:
         """The dtype the rollout engine runs: the recipe's, else the policy's."""
@@ -308,6 +322,20 @@ class PPORecipe:
             errors.append(f"rollout.sampling.top_k: PPO rollouts need -1 (off), got {sampling.top_k}: {truncation}")
         if not self.rewards:
             errors.append("rewards: give at least one reward term")
+        if self.rollout.multi_turn is not None:
+            from alignment.ppo.advantages import ADVANTAGE_ESTIMATORS
+
+            errors += self.rollout.multi_turn.check("rollout.multi_turn")
+            if ADVANTAGE_ESTIMATORS.get(self.algorithm.advantage) and ADVANTAGE_ESTIMATORS[self.algorithm.advantage].needs_critic:
+                errors.append("algorithm.advantage: multi-turn rollouts train critic-free estimators only for now "
+                              "(grpo, dr_grpo, rloo, reinforce++*): GAE would bootstrap values across the "
+                              "environment's turns, which the critic never acts in")
+            if self.algorithm.overlong.buffer is not None:
+                errors.append("algorithm.overlong.buffer: measures one answer against max_new_tokens; a multi-turn "
+                              "episode's length holds the environment's turns too (turn it off)")
+            if self.rollout.multi_turn.max_tokens >= self.rollout.max_model_len:
+                errors.append(f"rollout.multi_turn.max_tokens ({self.rollout.multi_turn.max_tokens}): must leave room for "
+                              f"the prompt in rollout.max_model_len ({self.rollout.max_model_len})")
         if self.overoptimization.keep_best and self.eval is None:
             errors.append("overoptimization.keep_best: needs the eval section (the best policy is the best eval/gold)")
         return errors

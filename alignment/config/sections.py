@@ -115,3 +115,36 @@ class SamplingSection:
 
         return SamplingConfig(n=self.samples_per_prompt, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_new_tokens=self.max_new_tokens, stop=list(self.stop), seed=self.seed + seed_offset)
+
+
+@recipe
+class MultiTurnSection:
+    """Multi-turn rollouts (rollout/multi_turn.py): the model acts over several turns, calling tools or playing an
+    environment, and trains on its own tokens only. Give `tools` or an `environment`."""
+
+    max_turns: int = option(4, help="model turns per trajectory", min=1)
+    max_tokens: int = option(256, help="tokens after the prompt per trajectory, the model's and the environment's "
+                             "(rollout.sampling.max_new_tokens bounds each model turn)", min=1)
+    tools: list[str] = option([], help="tools the model may call: 'module:function' or 'file.py:function', Python "
+                              "functions with type hints and a Google-style docstring (their JSON schema goes to the "
+                              "chat template's tools=); a turn without a call is the final answer")
+    call_format: str = option("auto", help="how the model's tool calls are read: auto (the tokenizer's response "
+                              "parser: Qwen2.5/3, Llama 3.1/3.2, GLM-4.5, gpt-oss, LFM2, Nemotron, Gemma 4), hermes "
+                              "(<tool_call> JSON blocks), or 'module:function' returning rollout.tool_calls.ToolCall "
+                              "objects")
+    tool_timeout_s: float = option(10.0, help="one tool call's time limit; past it the model reads an error", min=0.01)
+    max_tool_output_chars: int = option(2000, help="a tool's output is cut to this many characters", min=1)
+    environment: str | None = option(None, help="instead of tools: an environment class 'module:Class' with OpenEnv's "
+                                     "reset(**row)/step(action) (one per trajectory, built with environment_kwargs)")
+    environment_kwargs: dict = option({}, help="keyword arguments of the environment class")
+    step_timeout_s: float = option(60.0, help="an environment's reset or step (a tools turn: all its calls) not done "
+                                   "by then ends the trajectory as a scored failure", min=0.01)
+    action_from_text: str | None = option(None, help="'module:function' turning the model's text into the "
+                                          "environment's action (OpenEnv's typed actions); None: the text")
+    observation_to_text: str | None = option(None, help="'module:function' turning an observation into text or chat "
+                                             "messages (OpenEnv's typed observations); None: it is already")
+
+    def check(self, key: str) -> list[str]:
+        if bool(self.tools) == bool(self.environment):
+            return [f"{key}: give either tools or an environment"]
+        return []

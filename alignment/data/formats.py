@@ -1,7 +1,9 @@
 """Row formats per data kind: validate each row and normalise it to the columns the stages use.
 
 Kinds and the formats each accepts (a "message list" is a non-empty list of
-`{"role": "system" | "user" | "assistant", "content": str}`; other keys in a message are dropped):
+`{"role": "system" | "user" | "assistant" | "tool", "content": str}`; an assistant turn may carry `tool_calls` (a
+list, the transformers chat-template convention) and a tool turn `name` and `tool_call_id`; other keys in a message
+are dropped):
 
   sft         `text`                          -> text
               `prompt` + `completion`         -> prompt/completion (both strings, or both message
@@ -39,7 +41,8 @@ from dataclasses import dataclass, field
 
 from alignment.data.sources import MalformedRow
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_KEYS = {"assistant": ("tool_calls",), "tool": ("name", "tool_call_id")}  # kept when a message has them
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,10 @@ def _messages(value: object, key: str, prompt_field: str | None = None) -> list[
             raise MalformedRow(f"'{key}' message {i} has role {shown} (expected one of {', '.join(ROLES)})")
         if not isinstance(content, str):
             raise MalformedRow(f"'{key}' message {i}: 'content' must be a string, got {_kind_of(content)}")
-        out.append({"role": role, "content": content})
+        kept = {k: message[k] for k in TOOL_KEYS.get(role, ()) if message.get(k) is not None}
+        if not isinstance(kept.get("tool_calls", []), list):
+            raise MalformedRow(f"'{key}' message {i}: 'tool_calls' must be a list, got {_kind_of(kept['tool_calls'])}")
+        out.append({"role": role, "content": content, **kept})
     return out
 
 

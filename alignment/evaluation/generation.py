@@ -203,13 +203,16 @@ class PolicyGenerator:
 
     def generate(self, policy: Policy, model, tokenizer, prompts: list[list[int]], sampling) -> list:
         """Samples (prompt-major, `sampling.n` per prompt) of `policy`, whose loaded model is `model`."""
+        return self.engine_for(policy, model, tokenizer).generate(prompts, sampling)
+
+    def engine_for(self, policy: Policy, model, tokenizer):
+        """An engine that generates with `policy` (whose loaded model is `model`)."""
         if self.section.engine == "hf":
             from rollout.hf_engine import HFEngine
 
-            engine = HFEngine(model, tokenizer=tokenizer, seed=self.seed, batch_size=self.section.batch_size)
-            return engine.generate(prompts, sampling)
+            return HFEngine(model, tokenizer=tokenizer, seed=self.seed, batch_size=self.section.batch_size)
         self._load(policy, model)
-        return self.engine.generate(prompts, sampling)
+        return self.engine
 
     def _load(self, policy: Policy, model) -> None:
         from rollout import make_engine, sync_weights
@@ -256,8 +259,10 @@ def completion_text(sample) -> str:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 32) -> list[float]:
-    """sum_t log pi(x_t | x_<t) over each completion's tokens (temperature 1), one float per sequence.
+def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 32,
+                      masks: list[list[int]] | None = None) -> list[float]:
+    """sum_t log pi(x_t | x_<t) over each completion's tokens (temperature 1), one float per sequence; with `masks`
+    (multi-turn trajectories), over the tokens whose mask is 1 (the model's, not the environment's).
 
     Sequences are prompt + completion, right-padded; logits at position t predict token t + 1.
     """
@@ -272,5 +277,8 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
         token_logp = token_logprobs(logits[:, :-1], ids[:, 1:])[0]  # [b, width-1]: log p(ids[t+1]), chunked over the vocabulary
         for row, (p, c) in enumerate(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])):
             first = len(p) - 1  # position whose logits predict the first completion token
-            out.append(float(token_logp[row, first : first + len(c)].sum()))
+            logp = token_logp[row, first : first + len(c)]
+            if masks is not None:
+                logp = logp * torch.tensor(masks[start + row], dtype=logp.dtype, device=logp.device)
+            out.append(float(logp.sum()))
     return out

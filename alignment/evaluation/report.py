@@ -70,6 +70,21 @@ def tables(results: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     out.append(("Scores per policy", header, rows,
                 f"Mean per sample; CIs are bootstrap percentile intervals over prompts ({results['stats']['bootstrap_samples']} resamples). "
                 f"KL = mean over the policy's own samples of sum_t log pi(x_t) - log pi_ref(x_t), reference: {results['reference']['name']}."))
+    episodic = [p for p in results["policies"] if results["per_policy"][p["name"]].get("episodes")]
+    if episodic:
+        primary = results["primary"]
+        rows = []
+        for p in episodic:
+            r = results["per_policy"][p["name"]]
+            e = r["episodes"]
+            rows.append([p["name"], _fmt(r["scores"][primary]) if primary else "n/a", _fmt(e["turns"], 2),
+                         _fmt(e["tool_calls"], 2), _fmt(e["error_rate"]),
+                         ", ".join(f"{k} {v:.1%}" for k, v in e["errors"].items()) or "none"])
+        out.append(("Multi-turn episodes", ["policy", f"success: {primary} ({conf} CI)", "turns", "tool calls",
+                                            "episodes with an error", "errors by reason"], rows,
+                    "Success is the headline scorer on each episode's last turn. Tool errors (unknown tool, bad "
+                    "arguments, a tool that raised or timed out) are told to the model; a malformed call or an "
+                    "environment that fails or hangs ends the episode."))
     for scorer, pairs in results["win_rates"].items():
         if not pairs:
             continue

@@ -180,3 +180,21 @@ def agreement(labels: Sequence, reference: Sequence) -> dict:
 def truncation_rate(finish_reasons: Sequence[str]) -> float:
     """Share of samples cut at the token budget (finish reason 'length')."""
     return float(np.mean([r == "length" for r in finish_reasons])) if finish_reasons else float("nan")
+
+
+def episode_summary(episodes: list[dict], prompts: int, n: int, samples: int = 1000, confidence: float = 0.95,
+                    seed: int = 0) -> dict:
+    """Multi-turn episodes of one policy (prompt-major, n per prompt): mean turns, tool calls, and the share of
+    episodes with an error (any reason), with CIs over prompts; and the share of each error reason."""
+    boot = dict(samples=samples, confidence=confidence, seed=seed)
+
+    def per_prompt(values: list[float]) -> np.ndarray:
+        return np.reshape(np.asarray(values, dtype=float), (prompts, n))
+
+    reasons = sorted({r for e in episodes for r in e["errors"]})
+    return {
+        "turns": mean_score(per_prompt([e["turns"] for e in episodes]), **boot).to_dict(),
+        "tool_calls": mean_score(per_prompt([e["tool_calls"] for e in episodes]), **boot).to_dict(),
+        "error_rate": mean_score(per_prompt([float(bool(e["errors"])) for e in episodes]), **boot).to_dict(),
+        "errors": {r: sum(bool(e["errors"].get(r)) for e in episodes) / len(episodes) for r in reasons},
+    }

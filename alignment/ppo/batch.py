@@ -1,7 +1,9 @@
 """Typed containers for one PPO step's rollouts, and their packing into model inputs.
 
 Per-token fields are [B, T] over completion tokens, T = the longest completion of the batch, with
-`mask` 1 for real completion tokens (up to and including EOS) and 0 for padding. Model inputs are built
+`mask` 1 for real completion tokens (up to and including EOS) and 0 for padding. A multi-turn trajectory's
+completion is every token after its prompt; its mask is 1 on the model's tokens only, 0 on the environment's turns
+between them (they are model inputs, never trained on). Model inputs are built
 per micro-batch, in one of two layouts:
 * padded (the default): prompts left-padded to the micro-batch's longest prompt, completions right-padded to
   its longest completion, so sorting micro-batches by length keeps padding small;
@@ -70,7 +72,8 @@ class RolloutBatch:
         sampler_logp = torch.zeros(len(samples), T)
         for i, s in enumerate(samples):
             n = len(s.completion_ids)
-            mask[i, :n] = 1.0
+            # multi-turn: only the model's tokens count (the environment's sit between them, mask 0)
+            mask[i, :n] = 1.0 if s.completion_mask is None else torch.tensor(s.completion_mask, dtype=torch.float32)
             sampler_logp[i, :n] = torch.tensor(s.logprobs[:n], dtype=torch.float32)
         versions = {s.weight_version for s in samples}
         if len(versions) != 1:

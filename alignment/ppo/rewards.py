@@ -2,7 +2,7 @@
 
 scores: [B], one per completion (reward model, rule or remote reward). Token tensors are [B, T]
 with a float `mask` [B, T], 1 for real tokens up to and including EOS, 0 for padding, and
-right-padded (real tokens first), so the last real token of row i is at index mask[i].sum() - 1.
+right-padded (real tokens first); a multi-turn trajectory's mask is 0 on the environment's tokens too.
 """
 
 import math
@@ -13,14 +13,15 @@ import torch
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token: mask.sum(1) - 1.   mask: [B, T] -> [B] (long).
+    """Index of each row's last real token.   mask: [B, T] -> [B] (long).
 
-    Raises ValueError for a row with no real token (nothing to put the score on).
+    Not mask.sum(1) - 1: a multi-turn trajectory's mask has holes (the environment's turns), so the last 1 is found
+    from the right. Raises ValueError for a row with no real token (nothing to put the score on).
     """
-    lengths = mask.sum(dim=1).long()
-    if bool((lengths == 0).any()):
+    real = mask > 0
+    if bool((~real.any(dim=1)).any()):
         raise ValueError("a completion has no real token (mask row all zero); cannot place its score")
-    return lengths - 1
+    return mask.shape[1] - 1 - real.flip(1).int().argmax(dim=1)
 
 
 def token_level_rewards(

@@ -42,6 +42,8 @@ from alignment.evaluation.generation import (
     sequence_logprobs,
 )
 from alignment.evaluation.text_metrics import heldout_rows, heldout_texts, reference_scores
+from rollout.multi_turn import multi_turn_rollouts
+from rollout.turn_tokens import end_of_turn_tokens
 
 
 def run(recipe: EvalRecipe, engine=None) -> dict:
@@ -73,8 +75,14 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
         ref_model, ref_tok = load_policy(reference.path, recipe.rollout.dtype) if recipe.kl else (None, None)
         for policy in policies:
             model, tokenizer = load_policy(policy.path, recipe.rollout.dtype)
-            prompt_ids = [render_prompt(tokenizer, r.prompt) for r in rows]
-            samples = generator.generate(policy, model, tokenizer, prompt_ids, sampling)
+            if recipe.multi_turn is None:
+                prompt_ids = [render_prompt(tokenizer, r.prompt) for r in rows]
+                samples = generator.generate(policy, model, tokenizer, prompt_ids, sampling)
+            else:  # the policy's own chat template renders its tools and the environment's turns
+                episodes = multi_turn_rollouts(recipe.multi_turn, tokenizer, end_of_turn_tokens(policy.path, tokenizer))
+                samples = episodes.generate(generator.engine_for(policy, model, tokenizer),
+                                            [episodes.prompt_ids(r.prompt) for r in rows], [r.columns for r in rows],
+                                            sampling)
             if len(samples) != P * n:
                 raise UserError(f"policy '{policy.name}': engine returned {len(samples)} samples, expected {P * n}")
             kl = None
@@ -83,14 +91,16 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
                     notes.append(f"KL of '{policy.name}' not computed: its tokenizer differs from the reference's")
                 else:
                     p_ids, c_ids = [s.prompt_ids for s in samples], [s.completion_ids for s in samples]
-                    lp = sequence_logprobs(model, p_ids, c_ids, recipe.rollout.batch_size)
-                    lr = sequence_logprobs(ref_model, p_ids, c_ids, recipe.rollout.batch_size)
+                    masks = [s.completion_mask for s in samples] if recipe.multi_turn is not None else None
+                    lp = sequence_logprobs(model, p_ids, c_ids, recipe.rollout.batch_size, masks)
+                    lr = sequence_logprobs(ref_model, p_ids, c_ids, recipe.rollout.batch_size, masks)
                     kl = [a - b for a, b in zip(lp, lr)]
             if heldout is not None:
                 perplexity[policy.name] = _perplexity(heldout, recipe, model, tokenizer)
             generated[policy.name] = {
                 "texts": [completion_text(s) for s in samples],
-                "lengths": [len(s.completion_ids) for s in samples],
+                "lengths": [_model_tokens(s) for s in samples],
+                "episodes": [s.episode for s in samples] if recipe.multi_turn is not None else None,
                 "finish": [s.finish_reason for s in samples],
                 "kl": kl,
                 "weight_version": samples[0].weight_version if samples else None,
@@ -106,16 +116,23 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
     # ---- 5. scoring
     prompts_rep = [r.prompt for r in rows for _ in range(n)]
     columns = columns_of(rows, n)
+
+    def columns_for(name: str) -> dict[str, list]:  # multi-turn: each episode's environment reward too
+        episodes = generated[name]["episodes"]
+        return columns if episodes is None else {**columns, "env_reward": [e["env_reward"] for e in episodes]}
+
     scores: dict[str, dict[str, list[float]]] = {}
     if recipe.gold_metric:
-        scores["gold"] = {p.name: _function_scores(recipe.gold_metric, prompts_rep, generated[p.name]["texts"], columns) for p in policies}
+        scores["gold"] = {p.name: _function_scores(recipe.gold_metric, prompts_rep, generated[p.name]["texts"],
+                                                   columns_for(p.name)) for p in policies}
     if rows[0].columns.get(recipe.reference_column) is not None:
         references = columns[recipe.reference_column]
         for metric in recipe.reference_metrics:
             scores[metric] = {p.name: reference_scores(metric, generated[p.name]["texts"], references) for p in policies}
     for spec in recipe.scorers:
         if spec.kind == "function":
-            scores[spec.label()] = {p.name: _function_scores(spec.function, prompts_rep, generated[p.name]["texts"], columns) for p in policies}
+            scores[spec.label()] = {p.name: _function_scores(spec.function, prompts_rep, generated[p.name]["texts"],
+                                                             columns_for(p.name)) for p in policies}
         else:
             from reward.scoring import RewardModelScorer
 
@@ -136,6 +153,8 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
             "truncation_rate": stats.truncation_rate(g["finish"]),
             "samples": P * n,
         }
+        if g["episodes"] is not None:
+            per_policy[p.name]["episodes"] = stats.episode_summary(g["episodes"], P, n, **boot)
         if p.name in perplexity:
             ppl = perplexity[p.name]
             per_policy[p.name]["perplexity"] = stats.perplexity(ppl["nll"], ppl["tokens"], **boot).to_dict()
@@ -183,6 +202,11 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
     (out / "timings.json").write_text(json.dumps({"seconds": round(elapsed, 2), "engine_restarts": generator.restarts}) + "\n")
     _print_summary(results, out, files, elapsed)
     return results
+
+
+def _model_tokens(sample) -> int:
+    """The tokens the policy wrote: the whole completion, or a multi-turn episode's model turns."""
+    return len(sample.completion_ids) if sample.completion_mask is None else sum(sample.completion_mask)
 
 
 def _reference(recipe: EvalRecipe, policies: list[Policy]) -> Policy:
@@ -247,6 +271,8 @@ def _write_samples(path: Path, rows, n: int, policies, generated, scores) -> Non
                        "num_tokens": g["lengths"][k], "finish_reason": g["finish"][k],
                        "kl": g["kl"][k] if g["kl"] is not None else None,
                        "scores": {s: scores[s][p.name][k] for s in scores}}
+                if g["episodes"] is not None:
+                    row["episode"] = g["episodes"][k]
                 fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
@@ -258,7 +284,11 @@ def _print_summary(results: dict, out: Path, files: dict, elapsed: float) -> Non
         score = f"{primary} {stats.Estimate(**r['scores'][primary]).fmt()}" if primary else ""
         kl = f"  KL {r['kl']['value']:.3f}" if r["kl"] else ""
         ppl = f"  perplexity {r['perplexity']['value']:.2f}" if r.get("perplexity") else ""
-        lines.append(f"  {name}: {score}{kl}  length {r['length']['value']:.1f}  truncated {r['truncation_rate']:.1%}{ppl}")
+        e = r.get("episodes")
+        turns = (f"  turns {e['turns']['value']:.2f}  tool calls {e['tool_calls']['value']:.2f}  "
+                 f"episodes with an error {e['error_rate']['value']:.1%}") if e else ""
+        lines.append(f"  {name}: {score}{kl}  length {r['length']['value']:.1f}  truncated {r['truncation_rate']:.1%}"
+                     f"{ppl}{turns}")
     pairs = results["win_rates"].get(primary) or []
     if pairs:  # each later policy over each earlier one: a pipeline's policies come in training order
         lines.append(f"win rates by {primary} ({conf} CI; a tie counts half):")

@@ -94,6 +94,8 @@ from alignment.training import (
 from reward.composite import CompositeReward
 from reward.functions import load_reward_function
 from rollout import SamplingConfig
+from rollout.multi_turn import episode_metrics, multi_turn_rollouts
+from rollout.turn_tokens import end_of_turn_tokens
 from rollout.weight_sync import named_tensors, sync_weights
 
 CONSOLE_KEYS = ["ppo/reward", "ppo/gold", "eval/gold", "ppo/kl", "ppo/entropy", "ppo/clip_fraction", "ppo/value_loss",
@@ -138,7 +140,15 @@ def run(recipe: PPORecipe, engine=None) -> None:
     prompts = load_stage_data(recipe.prompts, "prompt", tokenizer).train
     # Servers we launch start now (the data is good): their start-up overlaps the loading of the training models.
     launched = _launch_servers(recipe) if rank == 0 and engine is None and recipe.rollout.launch_servers else None
-    prompt_ids = [render_prompt(tokenizer, p) for p in prompts["prompt"]]
+    # Multi-turn: the tools (or environment) are loaded now, so a bad one stops the run before any model loads; their
+    # schemas go into the prompts through the chat template.
+    episodes = (multi_turn_rollouts(recipe.rollout.multi_turn, tokenizer,
+                                    end_of_turn_tokens(recipe.policy.name_or_path, tokenizer))
+                if recipe.rollout.multi_turn else None)
+    prompt_ids = [episodes.prompt_ids(p) if episodes else render_prompt(tokenizer, p) for p in prompts["prompt"]]
+    if episodes and (longest := max(len(ids) for ids in prompt_ids)) + episodes.limits.max_tokens > recipe.rollout.max_model_len:
+        raise UserError(f"rollout.multi_turn.max_tokens ({episodes.limits.max_tokens}) after the longest prompt ({longest} "
+                        f"tokens with the tool list) exceeds rollout.max_model_len ({recipe.rollout.max_model_len})")
     # Plain lists, read once: indexing a `datasets.Dataset` row by row decodes a row per access, every step.
     prompt_columns = prompts.to_dict()
     label_columns = [c for c in prompts.column_names if c != "prompt"]
@@ -179,7 +189,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
     for name, scorer in reward.scorers.items():
         scorer.check_rendering(conversational=not isinstance(prompt_columns["prompt"][0], str))
         # a whole answer must fit the RM: it is never scored on a prefix
-        if sampling_cfg.max_new_tokens > (room := scorer.answer_room()):
+        if sampling_cfg.max_new_tokens > (room := scorer.answer_room()):  # multi-turn: it scores the last turn
             raise UserError(f"rewards.{name.split('_')[0]}: the reward model '{scorer.path}' reads at most {scorer.max_length} "
                             f"tokens, room for answers of {room} beside its template, so answers of "
                             f"rollout.sampling.max_new_tokens={sampling_cfg.max_new_tokens} could not be scored whole; lower "
@@ -224,7 +234,14 @@ def run(recipe: PPORecipe, engine=None) -> None:
     stopped_at = None  # the step at which overoptimization.on_detect: stop ended training
     warned_trim = False
     skipped_without_signal = 0  # steps skipped for want of anything to learn from (dynamic sampling, overlong filter)
-    rollouts = RolloutSchedule(engine, prompt_ids, sampling_cfg, ahead=recipe.rollout.async_generation) if rank == 0 else None
+    def draw(rows: list[int], sampling: SamplingConfig) -> list:
+        """The samples of these prompt rows (rank 0): one completion each, or multi-turn trajectories."""
+        if episodes is None:
+            return engine.generate([prompt_ids[r] for r in rows], sampling)
+        return episodes.generate(engine, [prompt_ids[r] for r in rows],
+                                 [{c: prompt_columns[c][r] for c in label_columns} for r in rows], sampling)
+
+    rollouts = RolloutSchedule(draw, sampling_cfg, ahead=recipe.rollout.async_generation) if rank == 0 else None
 
     while state.step < train.steps:
         step = state.step
@@ -243,7 +260,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             # same decision without another message; the kept groups are dealt out to the ranks with their rewards
             # (never scored twice). Refill rounds take the next prompts of the same stream (`state`), so a resumed run
             # draws the same prompts.
-            drawn = _draw_groups_with_signal(step, state, rank, world, engine, rollouts, reward, recipe, prompt_ids,
+            drawn = _draw_groups_with_signal(step, state, rank, world, rollouts, reward, recipe, prompt_ids,
                                              prompt_columns, label_columns)
             generate_seconds = drawn.generate_seconds
             if not drawn.finite:  # before anything learns from it (the running statistics included)
@@ -265,6 +282,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             per_rank = drawn.groups // world
             local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
             local_samples, local_rows = drawn.samples[local], drawn.rows[local]
+            step_metrics.update(episode_metrics(drawn.samples))  # from all samples: the same on every rank
         else:
             rows = _next_prompt_rows(state, len(prompts), train.prompts_per_step, train.seed)
             samples, generate_seconds = None, 0.0
@@ -280,6 +298,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
             local = slice(rank * per_rank * group, (rank + 1) * per_rank * group)
             local_samples = samples[local]
             local_rows = [rows[s.prompt_index] for s in local_samples]
+            step_metrics.update(episode_metrics(samples))  # from all samples: the same on every rank
         batch = RolloutBatch.from_samples(local_samples, local_rows)
         timings["generate"] = time.perf_counter() - t0  # with dynamic sampling, the candidates' rewards included
 
@@ -287,7 +306,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         # log-probs, values
         t1 = time.perf_counter()
         texts = [s.text for s in local_samples]
-        columns = {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns}
+        columns = _reward_columns(local_samples, local_rows, prompt_columns, label_columns)
         local_prompts = [prompt_columns["prompt"][r] for r in local_rows]
         if algo.dynamic_sampling.enabled:
             raw, parts = drawn.raw[local], {k: v[local] for k, v in drawn.parts.items()}
@@ -424,7 +443,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
         state.step += 1
         evaluate = recipe.eval is not None and (state.step % recipe.eval_every == 0 or state.step == train.steps)
         if evaluate:
-            metrics.update(_evaluate(recipe, engine, tokenizer) if rank == 0 else {})
+            metrics.update(_evaluate(recipe, engine, tokenizer, episodes) if rank == 0 else {})
         stop = gold_watch.after_step(state.step, metrics) if gold_watch is not None else False
         if stop:
             stopped_at = state.step
@@ -532,7 +551,7 @@ class _DrawnGroups:
     finite: bool  # false: some reward was NaN/inf (the draw stopped there)
 
 
-def _draw_groups_with_signal(step: int, state: LoopState, rank: int, world: int, engine, rollouts: RolloutSchedule | None,
+def _draw_groups_with_signal(step: int, state: LoopState, rank: int, world: int, rollouts: RolloutSchedule | None,
                              reward, recipe: PPORecipe, prompt_ids: list[list[int]], prompt_columns: dict,
                              label_columns: list[str]) -> _DrawnGroups:
     """DAPO's dynamic sampling for step `step`: round 0 generates the step's prompts as the plain loop does (same rows,
@@ -566,7 +585,7 @@ def _draw_groups_with_signal(step: int, state: LoopState, rank: int, world: int,
             else:
                 start = time.perf_counter()
                 offset = refill_seed_offset(step, round_, train.steps, max_rounds, target, group)
-                samples = engine.generate([prompt_ids[r] for r in rows], sampling.to_config(seed_offset=offset))
+                samples = rollouts.draw(rows, sampling.to_config(seed_offset=offset))
                 seconds = time.perf_counter() - start
             generate_seconds += seconds
         samples = broadcast_from_main(samples)
@@ -576,7 +595,7 @@ def _draw_groups_with_signal(step: int, state: LoopState, rank: int, world: int,
         local = slice(rank * per_rank, (rank + 1) * per_rank)
         local_rows = sample_rows[local]
         raw, parts = reward([prompt_columns["prompt"][r] for r in local_rows], [s.text for s in samples[local]],
-                            {c: [prompt_columns[c][r] for r in local_rows] for c in label_columns})
+                            _reward_columns(samples[local], local_rows, prompt_columns, label_columns))
         for name, n in reward.trimmed.items():
             trimmed[name] = trimmed.get(name, 0) + n
         scored += per_rank
@@ -625,6 +644,15 @@ def _draw_groups_with_signal(step: int, state: LoopState, rank: int, world: int,
 
 
 # --------------------------------------------------------------------------------------------- scoring
+
+
+def _reward_columns(samples: list, rows: list[int], prompt_columns: dict, label_columns: list[str]) -> dict[str, list]:
+    """The columns reward functions get beside prompts and completions: the prompt rows' labels, and for multi-turn
+    trajectories `env_reward` (the environment's reward, None where it gave none)."""
+    columns = {c: [prompt_columns[c][r] for r in rows] for c in label_columns}
+    if samples and samples[0].episode is not None:
+        columns["env_reward"] = [s.episode["env_reward"] for s in samples]
+    return columns
 
 
 def shape_scores(raw: torch.Tensor, finish_reasons: list[str], algo, running_reward: RunningMoments | None,
@@ -831,17 +859,25 @@ def _launch_servers(recipe: PPORecipe):
                           ready_timeout_s=None, log_dir=log_dir, weight_sync=r.weight_sync)
 
 
-def _evaluate(recipe: PPORecipe, engine, tokenizer) -> dict[str, float]:
-    """Answers to held-out prompts from the rollout engine (greedy by default), scored by the rule."""
+def _evaluate(recipe: PPORecipe, engine, tokenizer, episodes) -> dict[str, float]:
+    """Answers to held-out prompts from the rollout engine (greedy by default), scored by the rule; with multi-turn
+    rollouts, whole episodes, scored on their last turn (and `env_reward`)."""
     from alignment.evaluation.gold import load_prompts, score
 
     section = recipe.eval
     prompts, columns = load_prompts(section)
     n = section.samples_per_prompt
     sampling = SamplingConfig(n=n, temperature=section.temperature, max_new_tokens=section.max_new_tokens, seed=recipe.train.seed)
-    samples = engine.generate([render_prompt(tokenizer, p) for p in prompts], sampling)
+    if episodes is None:
+        samples = engine.generate([render_prompt(tokenizer, p) for p in prompts], sampling)
+    else:
+        rows = [{k: v[i] for k, v in columns.items()} for i in range(len(prompts))]
+        samples = episodes.generate(engine, [episodes.prompt_ids(p) for p in prompts], rows, sampling)
     repeat = lambda values: [v for v in values for _ in range(n)]  # noqa: E731 (samples come n per prompt, prompt-major)
-    scores = score(section.reward_function, repeat(prompts), [s.text.strip() for s in samples], {k: repeat(v) for k, v in columns.items()})
+    columns = {k: repeat(v) for k, v in columns.items()}
+    if episodes is not None:
+        columns["env_reward"] = [s.episode["env_reward"] for s in samples]
+    scores = score(section.reward_function, repeat(prompts), [s.text.strip() for s in samples], columns)
     return {"eval/gold": float(np.mean(scores))}
 
 

@@ -7,13 +7,14 @@ generates). Every rollout is therefore exactly one update old, except step 0's (
 resume), which are generated on demand. The PPO loss corrects for the staleness through the importance
 weights min(pi_old / pi_sampler, tis_cap), pi_old being the policy at the start of the step.
 
-Only rank 0 holds an engine and uses this class. The thread only calls `engine.generate`, and never while the
-main thread calls the engine for anything else.
+Only rank 0 holds an engine and uses this class. The thread only generates (`draw`: one engine.generate call, or
+the turns of multi-turn rollouts), and never while the main thread calls the engine for anything else.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,9 +31,9 @@ class StepRollouts:
 class RolloutSchedule:
     """Hands the loop each step's rollouts; with `ahead`, generates the next step's in the background."""
 
-    def __init__(self, engine, prompt_ids: list[list[int]], sampling: SamplingSection, *, ahead: bool):
-        self.engine = engine
-        self.prompt_ids = prompt_ids
+    def __init__(self, draw: Callable[[list[int], SamplingConfig], list[Sample]], sampling: SamplingSection, *,
+                 ahead: bool):
+        self.draw = draw  # (prompt rows, sampling) -> their samples, group after group
         self.sampling = sampling
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") if ahead else None
         self._pending: tuple[int, list[int], Future] | None = None
@@ -76,5 +77,5 @@ class RolloutSchedule:
 
     def _generate(self, step: int, rows: list[int]) -> StepRollouts:
         start = time.perf_counter()
-        samples = self.engine.generate([self.prompt_ids[r] for r in rows], self.sampling_for(step, len(rows)))
+        samples = self.draw(rows, self.sampling_for(step, len(rows)))
         return StepRollouts(samples, time.perf_counter() - start)

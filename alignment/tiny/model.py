@@ -14,8 +14,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from alignment.tiny.task import EOS_TOKEN, PAD_TOKEN, vocabulary
 
 
-def make_config() -> LlamaConfig:
-    vocab = vocabulary()
+def make_config(vocab: list[str] | None = None) -> LlamaConfig:
+    vocab = vocab or vocabulary()
     eos_id, pad_id = vocab.index(EOS_TOKEN), vocab.index(PAD_TOKEN)
     return LlamaConfig(
         vocab_size=len(vocab),
@@ -37,7 +37,12 @@ def make_config() -> LlamaConfig:
 
 def make_model(seed: int = 0) -> LlamaForCausalLM:
     """Deterministic random init (fixed seed, global torch RNG left untouched)."""
-    config = make_config()
+    return make_model_for(vocabulary(), seed)
+
+
+def make_model_for(vocab: list[str], seed: int = 0) -> LlamaForCausalLM:
+    """The tiny Llama over `vocab` (whose special tokens include the tiny EOS and pad tokens)."""
+    config = make_config(vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(torch.float32)
