@@ -35,7 +35,7 @@ class StepResult:
     info: dict = field(default_factory=dict)
 
 
-def as_step_result(result: Any, observation_to_text: Callable[[Any], Any] | None = None) -> StepResult:
+def as_step_result(result: Any) -> StepResult:
     """Our StepResult from what an environment's `step` returned: ours, OpenEnv's client-side StepResult
     (observation, reward, done), or OpenEnv's server-side Observation (which carries done and reward itself)."""
     if isinstance(result, StepResult):
@@ -47,8 +47,6 @@ def as_step_result(result: Any, observation_to_text: Callable[[Any], Any] | None
     else:
         raise TypeError(f"an environment's step returned {type(result).__name__}, not a StepResult (observation, "
                         "reward, done)")
-    if observation_to_text is not None and step.observation is not None:
-        step.observation = observation_to_text(step.observation)
     return step
 
 

@@ -25,21 +25,24 @@ from rollout.environments import as_step_result, observation_messages, run_concu
 from rollout.turn_tokens import TurnTokenizer
 from rollout.types import Sample, SamplingConfig
 
-TURN_SEED_STRIDE = 1_000_003  # turn t of a call samples with seed + t * stride: streams of its own per turn
+# Turn t of a call samples with seed + t * stride: beyond any seed a run's steps and refills reach, so every turn of
+# every episode draws a stream of its own.
+TURN_SEED_STRIDE = 1_000_000_007
 
 
 @dataclass
 class EpisodeLimits:
     max_turns: int  # model turns per trajectory
     max_tokens: int  # tokens after the prompt per trajectory, the model's and the environment's
-    step_timeout_s: float  # one environment reset or step
+    step_timeout_s: float  # one environment's making and reset, or one step
+    max_model_len: int | None = None  # the engine's context: a trajectory that fills it ends ("length")
 
 
 @dataclass
 class _Trajectory:
     prompt_index: int
     prompt_ids: list[int]
-    env: Any
+    env: Any = None
     ids: list[int] = field(default_factory=list)
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -51,7 +54,7 @@ class _Trajectory:
     env_reward: float | None = None
     errors: Counter = field(default_factory=Counter)
     done: bool = False
-    env_failed: bool = False  # its reset failed: the model still answers once (a trajectory needs a model token)
+    env_failed: bool = False  # made or reset in vain: the model still answers once (a trajectory needs a model token)
 
     def add(self, ids: list[int], logprobs: list[float] | None) -> None:
         self.ids += ids
@@ -83,27 +86,36 @@ class MultiTurnRollouts:
         return self.turn_tokens.prompt_ids([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
 
     def generate(self, engine, prompt_ids: list[list[int]], rows: list[dict], sampling: SamplingConfig) -> list[Sample]:
-        trajectories = [_Trajectory(i, list(ids), self.make_environment())
-                        for i, ids in enumerate(prompt_ids) for _ in range(sampling.n)]
-        resets = run_concurrently([lambda t=t: t.env.reset(**rows[t.prompt_index]) for t in trajectories],
+        trajectories = [_Trajectory(i, list(ids)) for i, ids in enumerate(prompt_ids) for _ in range(sampling.n)]
+        # Made and reset in the bounded threads: an environment server that is down or hangs fails its episode only.
+        starts = run_concurrently([lambda t=t: self._start(t, rows[t.prompt_index]) for t in trajectories],
                                   self.limits.step_timeout_s)
-        for t, outcome in zip(trajectories, resets):
+        for t, outcome in zip(trajectories, starts):
             if isinstance(outcome, BaseException):
                 t.env_failed = True
                 t.errors[_failure("reset", outcome)] += 1
+        # The engine stops on every end-of-turn token (vLLM does on the generation config's; the HF engine needs them)
+        stop_ids = sorted(set(sampling.stop_token_ids) | set(self.turn_tokens.end_token_ids()))
         versions = set()
-        for turn in range(self.limits.max_turns):
-            active = [t for t in trajectories if not t.done]
-            if not active:
-                break
-            seed = None if sampling.seed is None else sampling.seed + turn * TURN_SEED_STRIDE
-            samples = engine.generate([t.prompt_ids + t.ids for t in active], replace(sampling, n=1, seed=seed))
-            versions |= {s.weight_version for s in samples}
-            for t, sample in zip(active, samples):
-                self._take_turn(t, sample)
-                if t.env_failed:
-                    t.end()
-            self._step_environments([t for t in active if not t.done], last_turn=turn + 1 == self.limits.max_turns)
+        try:
+            for turn in range(self.limits.max_turns):
+                for t in trajectories:
+                    if not t.done and self._context_left(t) <= 0:
+                        t.end("length")
+                active = [t for t in trajectories if not t.done]
+                if not active:
+                    break
+                seed = None if sampling.seed is None else sampling.seed + turn * TURN_SEED_STRIDE
+                samples = engine.generate([t.prompt_ids + t.ids for t in active],
+                                          replace(sampling, n=1, seed=seed, stop_token_ids=stop_ids))
+                versions |= {s.weight_version for s in samples}
+                for t, sample in zip(active, samples):
+                    self._take_turn(t, sample)
+                    if t.env_failed and not t.done:
+                        t.end()
+                self._step_environments([t for t in active if not t.done], last_turn=turn + 1 == self.limits.max_turns)
+        finally:
+            run_concurrently([lambda t=t: _close(t.env) for t in trajectories], self.limits.step_timeout_s)
         if len(versions) > 1:  # an engine never takes new weights while it generates; a mix means a broken schedule
             raise RuntimeError(f"one multi-turn call sampled with several weight versions: {sorted(versions)}")
         version = versions.pop() if versions else engine.weight_version
@@ -114,15 +126,29 @@ class MultiTurnRollouts:
                                 "errors": dict(t.errors)})
                 for t in trajectories]
 
+    def _start(self, t: _Trajectory, row: dict) -> None:
+        t.env = self.make_environment()
+        t.env.reset(**row)
+
+    def _context_left(self, t: _Trajectory) -> int:
+        """Tokens the trajectory may still take: its budget, and the engine's context (a prompt must be shorter)."""
+        left = self.limits.max_tokens - len(t.ids)
+        if self.limits.max_model_len is not None:
+            left = min(left, self.limits.max_model_len - 1 - len(t.prompt_ids) - len(t.ids))
+        return left
+
     def _take_turn(self, t: _Trajectory, sample: Sample) -> None:
         t.turns += 1
+        room = self._context_left(t)
+        kept = sample.completion_ids[:room]
+        t.add(kept, sample.logprobs[:room])
+        if len(kept) < len(sample.completion_ids):  # over the budget: cut, and the rewards read what was kept
+            t.text = self.turn_tokens.tokenizer.decode(kept, skip_special_tokens=True)
+            t.end("length")
+            return
         t.text = sample.text
         t.action = self.turn_tokens.turn_text(sample.completion_ids)
-        room = self.limits.max_tokens - len(t.ids)
-        t.add(sample.completion_ids[:room], sample.logprobs[:room])
-        if len(sample.completion_ids) >= room:
-            t.end("length")
-        elif sample.finish_reason == "length":  # cut at the per-turn max_new_tokens: no turn to answer
+        if sample.finish_reason == "length":  # cut at the per-turn max_new_tokens: no turn to answer
             t.end("length")
 
     def _step_environments(self, stepping: list[_Trajectory], last_turn: bool) -> None:
@@ -133,35 +159,51 @@ class MultiTurnRollouts:
                 t.end(error=_failure("step", outcome))
                 continue
             try:
-                result = as_step_result(outcome, self.observation_to_text)
-                messages = [] if result.done or last_turn else observation_messages(result.observation)
-            except TypeError as exc:
+                result = as_step_result(outcome)
+            except TypeError as exc:  # the environment's code returns the wrong thing: the user's to fix
                 raise UserError(f"rollout.multi_turn: {exc}") from None
-            if result.reward is not None:
-                t.env_reward = (t.env_reward or 0.0) + float(result.reward)
-            t.tool_calls += int(result.info.get("tool_calls", 0))
-            t.errors.update(result.info.get("tool_errors", []))
-            if result.info.get("error"):
-                t.errors[result.info["error"]] += 1
+            try:
+                if result.observation is not None and self.observation_to_text is not None:
+                    result.observation = self.observation_to_text(result.observation)
+                messages = [] if result.done or last_turn else observation_messages(result.observation)
+                reward = None if result.reward is None else float(result.reward)
+                info = dict(result.info or {})
+            except Exception:  # a converter that raises, a reward that is no number: this episode fails, scored
+                t.end(error="env_step_error")
+                continue
+            if reward is not None:
+                t.env_reward = (t.env_reward or 0.0) + reward
+            t.tool_calls += int(info.get("tool_calls", 0))
+            t.errors.update(info.get("tool_errors", []))
+            if info.get("error"):
+                t.errors[info["error"]] += 1
             if result.done:
                 t.end()
             elif last_turn:
                 t.end(error="max_turns")
             else:
                 ids = self.turn_tokens.environment_ids(messages, t.ids[-1] if t.ids else None)
-                if len(t.ids) + len(ids) >= self.limits.max_tokens:  # no room left for another model turn
+                if len(ids) >= self._context_left(t):  # no room left for another model turn
                     t.end("length")
                 else:
                     t.add(ids, None)
+
+
+def _close(env) -> None:
+    """Close an environment that can be closed (OpenEnv's clients hold a connection or a container)."""
+    close = getattr(env, "close", None)
+    if callable(close):
+        close()
 
 
 def _failure(what: str, exc: BaseException) -> str:
     return f"env_{what}_timeout" if isinstance(exc, TimeoutError) else f"env_{what}_error"
 
 
-def multi_turn_rollouts(section, tokenizer, end_tokens: list[str] | None = None) -> MultiTurnRollouts:
+def multi_turn_rollouts(section, tokenizer, end_tokens: list[str] | None = None,
+                        max_model_len: int | None = None) -> MultiTurnRollouts:
     """The rollouts a recipe's `rollout.multi_turn` section (alignment.config.sections.MultiTurnSection) asks for.
-    `end_tokens`: the tokens that end a model turn (see TurnTokenizer)."""
+    `end_tokens`: the tokens that end a model turn (see TurnTokenizer); `max_model_len`: the engine's context."""
     from alignment.user_code import load_callable
     from rollout.environments import ToolEnvironment, check_environment
     from rollout.tool_calls import load_call_parser
@@ -186,8 +228,10 @@ def multi_turn_rollouts(section, tokenizer, end_tokens: list[str] | None = None)
     convert = {name: load_callable(spec, f"{key}.{name}") if spec else None
                for name, spec in (("action_from_text", section.action_from_text),
                                   ("observation_to_text", section.observation_to_text))}
-    turn_tokens = TurnTokenizer(tokenizer, tool_schemas(getattr(probe, "tools", None) or []), end_tokens)
-    limits = EpisodeLimits(section.max_turns, section.max_tokens, section.step_timeout_s)
+    tools = getattr(probe, "tools", None) or []
+    _close(probe)
+    turn_tokens = TurnTokenizer(tokenizer, tool_schemas(tools), end_tokens)
+    limits = EpisodeLimits(section.max_turns, section.max_tokens, section.step_timeout_s, max_model_len)
     return MultiTurnRollouts(turn_tokens, make_environment, limits, **convert)
 
 

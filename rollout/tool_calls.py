@@ -244,7 +244,7 @@ class ResponseParser:
                 first_error = first_error or exc
                 continue
             return calls_from_message(message)
-        raise MalformedToolCall("unparseable", f"{type(first_error).__name__}: {str(first_error).splitlines()[0]}")
+        raise MalformedToolCall("unparseable", f"{type(first_error).__name__}: {(str(first_error).splitlines() or [''])[0]}")
 
 
 def load_call_parser(spec: str, tokenizer=None, end_tokens: list[str] | None = None) -> Callable[[str], list[ToolCall]]:

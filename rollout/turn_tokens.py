@@ -37,6 +37,11 @@ class TurnTokenizer:
         """The first prompt: the messages (with the tool list, if any) and the generation prompt."""
         return self._encode(self._render(messages, generation_prompt=True))
 
+    def end_token_ids(self) -> list[int]:
+        """The ids of the end-of-turn tokens (those the vocabulary has)."""
+        ids = [self.tokenizer.convert_tokens_to_ids(t) for t in self.end_tokens]
+        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
+
     def turn_text(self, ids: list[int]) -> str:
         """A model turn's text as its environment reads it: special tokens kept (gpt-oss writes its tool calls in
         channel tokens), less the end-of-turn token."""
@@ -61,11 +66,14 @@ class TurnTokenizer:
                 continue
             if sampled_end in self.end_tokens and sampled_end in after:  # the model sampled the end of its turn
                 return self._encode(after[after.index(sampled_end) + len(sampled_end):])
-            ends = [after.index(t) for t in self.end_tokens if t in after]
+            ends = [(after.index(t), t) for t in self.end_tokens if t in after]
             if not ends:
                 raise UserError(f"the chat template ends an assistant turn with none of {self.end_tokens}; multi-turn "
                                 "rollouts cannot tell where the model's turn ends")
-            return self._encode(after[min(ends):])  # the model stopped otherwise: the end of its turn is ours
+            at, end = min(ends)
+            if sampled_end in self.end_tokens:  # ended by another end token (Llama's <|eom_id|> for <|eot_id|>): its own
+                return self._encode(after[at + len(end):])
+            return self._encode(after[at:])  # the model stopped otherwise (a stop string): the end of its turn is ours
         raise UserError(f"the chat template cannot render {[m.get('role') for m in messages]} after an assistant turn: "
                         + "; ".join(problems))
 

@@ -127,7 +127,7 @@ def test_a_tool_trajectory_holds_the_sampled_tokens_and_the_environment_tokens_r
     assert sample.episode == {"turns": 2, "tool_calls": 1, "env_reward": None, "errors": {}}
     # turn 2's prompt is the prompt, turn 1 as sampled and the environment's tokens: nothing re-rendered
     assert engine.calls[1][0] == [prompt_ids + turn1 + env]
-    assert [c[1].seed for c in engine.calls] == [5, 5 + 1_000_003] and all(c[1].n == 1 for c in engine.calls)
+    assert [c[1].seed for c in engine.calls] == [5, 5 + 1_000_000_007] and all(c[1].n == 1 for c in engine.calls)
 
     batch = RolloutBatch.from_samples([sample], [0])
     assert batch.mask[0].tolist() == [float(m) for m in sample.completion_mask]
@@ -362,3 +362,62 @@ def test_an_environment_whose_reset_fails_still_gets_the_models_answer_scored(to
     [sample] = rollouts.generate(engine, [rollouts.prompt_ids(PROMPT)], [{}], SamplingConfig(n=1))
     assert sample.episode["errors"] == {"env_reset_error": 1} and sample.episode["turns"] == 1
     assert sample.completion_mask == [1] * len(sample.completion_ids)  # one model turn: the batch can score it
+
+
+def test_a_turn_cut_by_the_budget_is_scored_on_what_was_kept_and_a_full_budget_is_no_cut(tokenizer):
+    engine = ScriptedEngine(tokenizer, [("the lamp is red . <|end|>", "stop")])
+    [sample] = tool_rollouts(tokenizer, [lookup], max_tokens=3).generate(
+        engine, [ids(tokenizer, "<|user|> the lamp <|end|> <|assistant|>")], [{}], SamplingConfig(n=1))
+    assert sample.completion_ids == ids(tokenizer, "the lamp is") and sample.finish_reason == "length"
+    assert sample.text == "the lamp is"  # not the engine's whole turn: the reward must not see cut tokens
+    engine = ScriptedEngine(tokenizer, [("the lamp is red . <|end|>", "stop")])
+    [sample] = tool_rollouts(tokenizer, [lookup], max_tokens=6).generate(
+        engine, [ids(tokenizer, "<|user|> the lamp <|end|> <|assistant|>")], [{}], SamplingConfig(n=1))
+    assert len(sample.completion_ids) == 6 and sample.finish_reason == "stop"  # a final answer that just fits
+
+
+def test_the_engines_context_ends_a_trajectory_before_a_prompt_could_overrun_it(tokenizer):
+    engine = ScriptedEngine(tokenizer, [("review lamp <|end|>", "stop")] * 4)
+    make_env = lambda: ToolEnvironment([lookup], word_calls("lookup"), 5.0, 40)  # noqa: E731
+    prompt = ids(tokenizer, "<|user|> the lamp <|end|> <|assistant|>")
+    limit = len(prompt) + 12
+    rollouts = MultiTurnRollouts(TurnTokenizer(tokenizer), make_env, EpisodeLimits(4, 64, 5.0, max_model_len=limit))
+    [sample] = rollouts.generate(engine, [prompt], [{}], SamplingConfig(n=1))
+    assert sample.finish_reason == "length" and len(prompt) + len(sample.completion_ids) < limit
+    assert all(len(p) < limit for prompts, _ in engine.calls for p in prompts)
+    assert ids(tokenizer, "<|end|>")[0] in engine.calls[0][1].stop_token_ids  # the engine stops on every end of turn
+
+
+@pytest.mark.parametrize("case", ["converter_raises", "reward_not_a_number", "constructor_raises", "reset_hangs"])
+def test_environment_code_that_fails_is_a_scored_failure_never_a_crash(tokenizer, case):
+    closed = []
+
+    class Env:
+        def __init__(self):
+            if case == "constructor_raises":
+                raise ConnectionError("environment server down")
+
+        def reset(self, **row):
+            if case == "reset_hangs":
+                time.sleep(30)
+
+        def step(self, action):
+            return StepResult(observation="x", reward="good" if case == "reward_not_a_number" else None)
+
+        def close(self):
+            closed.append(True)
+
+    def converter(observation):
+        raise KeyError("no text field")
+
+    engine = ScriptedEngine(tokenizer, [("the lamp <|end|>", "length" if case == "constructor_raises" else "stop")] * 2)
+    rollouts = MultiTurnRollouts(TurnTokenizer(tokenizer), Env, EpisodeLimits(3, 64, 0.5),
+                                 observation_to_text=converter if case == "converter_raises" else None)
+    [sample] = rollouts.generate(engine, [rollouts.prompt_ids(PROMPT)], [{}], SamplingConfig(n=1))
+    expected = {"converter_raises": "env_step_error", "reward_not_a_number": "env_step_error",
+                "constructor_raises": "env_reset_error", "reset_hangs": "env_reset_timeout"}[case]
+    assert sample.episode["errors"] == {expected: 1} and sample.episode["turns"] == 1
+    if case == "constructor_raises":
+        assert sample.finish_reason == "length"  # a cut answer stays cut when the environment failed too
+    else:
+        assert closed == [True]  # every environment is closed when its episode ends

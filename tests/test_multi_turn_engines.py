@@ -63,6 +63,11 @@ def test_environment_tokens_after_the_models_end_of_turn_by_hand(name):
     ids = turn_tokens.environment_ids([TOOL_MESSAGE], eos)
     assert tok.decode(ids, skip_special_tokens=False) == ENVIRONMENT_TEXT[name]
     assert ids == tok(ENVIRONMENT_TEXT[name], add_special_tokens=False)["input_ids"]  # encoded once, as it stands
+    # A turn ended by another of the family's end tokens (Llama's <|eom_id|>, Qwen's <|endoftext|>): no second one
+    for end in FAMILIES[name].ends:
+        text = tok.decode(turn_tokens.environment_ids([TOOL_MESSAGE], tok.convert_tokens_to_ids(end)),
+                          skip_special_tokens=False)
+        assert "red" in text and not any(text.startswith(e) for e in FAMILIES[name].ends), (end, text)
     # A turn that did not end with an end-of-turn token: the end of turn is the environment's, not dropped
     other = tok.convert_tokens_to_ids("the") if "the" in tok.get_vocab() else 100
     text = tok.decode(turn_tokens.environment_ids([TOOL_MESSAGE], other), skip_special_tokens=False)

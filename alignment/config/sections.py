@@ -147,4 +147,8 @@ class MultiTurnSection:
     def check(self, key: str) -> list[str]:
         if bool(self.tools) == bool(self.environment):
             return [f"{key}: give either tools or an environment"]
+        if self.tools and self.tool_timeout_s >= self.step_timeout_s:
+            return [f"{key}.tool_timeout_s ({self.tool_timeout_s:g}) must be below step_timeout_s "
+                    f"({self.step_timeout_s:g}), which bounds a whole turn of tool calls: else the model never reads "
+                    "the timeout"]
         return []

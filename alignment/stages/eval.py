@@ -79,7 +79,8 @@ def run(recipe: EvalRecipe, engine=None) -> dict:
                 prompt_ids = [render_prompt(tokenizer, r.prompt) for r in rows]
                 samples = generator.generate(policy, model, tokenizer, prompt_ids, sampling)
             else:  # the policy's own chat template renders its tools and the environment's turns
-                episodes = multi_turn_rollouts(recipe.multi_turn, tokenizer, end_of_turn_tokens(policy.path, tokenizer))
+                episodes = multi_turn_rollouts(recipe.multi_turn, tokenizer, end_of_turn_tokens(policy.path, tokenizer),
+                                               recipe.rollout.max_model_len)
                 samples = episodes.generate(generator.engine_for(policy, model, tokenizer),
                                             [episodes.prompt_ids(r.prompt) for r in rows], [r.columns for r in rows],
                                             sampling)

@@ -143,7 +143,7 @@ def run(recipe: PPORecipe, engine=None) -> None:
     # Multi-turn: the tools (or environment) are loaded now, so a bad one stops the run before any model loads; their
     # schemas go into the prompts through the chat template.
     episodes = (multi_turn_rollouts(recipe.rollout.multi_turn, tokenizer,
-                                    end_of_turn_tokens(recipe.policy.name_or_path, tokenizer))
+                                    end_of_turn_tokens(recipe.policy.name_or_path, tokenizer), recipe.rollout.max_model_len)
                 if recipe.rollout.multi_turn else None)
     prompt_ids = [episodes.prompt_ids(p) if episodes else render_prompt(tokenizer, p) for p in prompts["prompt"]]
     if episodes and (longest := max(len(ids) for ids in prompt_ids)) + episodes.limits.max_tokens > recipe.rollout.max_model_len:
