@@ -82,7 +82,7 @@ def lookup_policies(tmp_path_factory):
     return SimpleNamespace(paths=paths, **runs)
 
 
-def grpo_overrides(policies, out: Path, steps: int = 10) -> list[str]:
+def grpo_overrides(policies, out: Path, steps: int = 6) -> list[str]:
     return [f"policy.name_or_path={policies.sft}", f"prompts.sources.0.path={policies.paths.prompts}",
             f"eval.prompts={policies.paths.eval_prompts}", f"output.dir={out}", f"train.steps={steps}",
             f"eval_every={steps}", "output.save_steps=100"]
