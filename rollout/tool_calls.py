@@ -263,9 +263,3 @@ def load_call_parser(spec: str, tokenizer=None, end_tokens: list[str] | None = N
         return load_callable(spec, "rollout.multi_turn.call_format")
     raise UserError(f"rollout.multi_turn.call_format: '{spec}' is not auto, {', '.join(CALL_FORMATS)} or "
                     "'module:function'")
-
-
-def parse_tool_calls(text: str, call_format: str) -> list[ToolCall]:
-    """The tool calls of one model turn in `call_format` (a CALL_FORMATS name or 'module:function'): [] for a final
-    answer; MalformedToolCall when the turn tries to call but cannot be read."""
-    return load_call_parser(call_format)(text)

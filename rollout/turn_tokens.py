@@ -19,6 +19,7 @@ named after the tool messages; one that drops the messages either way is an erro
 from __future__ import annotations
 
 from alignment.errors import UserError
+from rollout.tool_calls import ToolCall, tool_call_message
 
 _SENTINEL = "SENTINEL7421"  # an assistant turn's text in the probe conversation, found again in its rendering
 
@@ -82,9 +83,8 @@ class TurnTokenizer:
         text. `with_calls`: the probe's assistant turn calls the tools that the `tool` messages answer."""
         turn = {"role": "assistant", "content": _SENTINEL}
         if with_calls:
-            turn["tool_calls"] = [{"type": "function", "id": m.get("tool_call_id") or f"call{k}",
-                                   "function": {"name": m.get("name") or "tool", "arguments": {}}}
-                                  for k, m in enumerate(messages) if m.get("role") == "tool"]
+            turn = tool_call_message([ToolCall(m.get("name") or "tool", {}, m.get("tool_call_id") or f"call{k}")
+                                      for k, m in enumerate(messages) if m.get("role") == "tool"], _SENTINEL)
         rendered = self._render([{"role": "user", "content": "hi"}, turn, *messages], generation_prompt=True)
         at = rendered.rfind(_SENTINEL)
         if at < 0:

@@ -12,7 +12,7 @@ from helpers_templates import FAMILIES, family_tokenizer, save_family_tokenizer
 
 from alignment.errors import UserError
 from rollout.tool_calls import (CALL_FORMATS, MalformedToolCall, ToolCall, load_call_parser, mistral_call_id,
-                                parse_hermes, parse_llama3_json, parse_mistral, parse_tool_calls, tool_call_message)
+                                parse_hermes, parse_llama3_json, parse_mistral, tool_call_message)
 
 REASONS = {"unclosed", "bad_json", "not_a_list", "no_name", "bad_arguments"}
 LAMP = {"item": "lamp"}
@@ -110,13 +110,13 @@ def test_malformed_calls_name_their_reason(parse, text, reason):
     assert caught.value.message and "\n" not in caught.value.message
 
 
-def test_load_call_parser_and_parse_tool_calls():
+def test_load_call_parser():
     assert set(CALL_FORMATS) == {"hermes", "llama3_json", "mistral"}
     assert all(load_call_parser(name) is parse for name, parse in CALL_FORMATS.items())
     assert load_call_parser("tests.test_tool_calls:custom_parser")("hi") == custom_parser("hi")
-    assert parse_tool_calls('{"name": "lookup", "parameters": {"item": "lamp"}}', "llama3_json") == [
+    assert load_call_parser("llama3_json")('{"name": "lookup", "parameters": {"item": "lamp"}}') == [
         ToolCall("lookup", LAMP, "call0")]
-    assert parse_tool_calls("hi", "tests.test_tool_calls:custom_parser") == [ToolCall("echo", {"text": "hi"})]
+    assert load_call_parser("tests.test_tool_calls:custom_parser")("hi") == [ToolCall("echo", {"text": "hi"})]
     for spec, words in [("xml", "is not auto, hermes, llama3_json, mistral"), ("auto", "tokenizer"),
                         ("no_such_module_xyz:parse", "no_such_module_xyz"), ("tests.test_tool_calls:REASONS", "not a")]:
         with pytest.raises(UserError, match=words) as caught:

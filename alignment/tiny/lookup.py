@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.tiny.task import ITEMS
-from rollout.tool_calls import MalformedToolCall, ToolCall
+from rollout.tool_calls import MalformedToolCall, ToolCall, tool_call_message
 
 COLORS = ["black", "blue", "brown", "gray", "green", "orange", "pink", "purple", "red", "white", "yellow", "gold"]
 ROOMS = range(100)
@@ -120,8 +120,7 @@ def sample_demo(rng: random.Random, item: str, room: int) -> list[dict]:
     """A human demonstration: the tool's way (TOOL_DEMO_SHARE of them) or a guess."""
     user = {"role": "user", "content": prompt_text(item, room)}
     if rng.random() < TOOL_DEMO_SHARE:
-        call = {"type": "function", "id": "call0", "function": {"name": "lookup", "arguments": {"item": item, "room": room}}}
-        return [user, {"role": "assistant", "content": "", "tool_calls": [call]},
+        return [user, tool_call_message([ToolCall("lookup", {"item": item, "room": room}, "call0")]),
                 {"role": "tool", "name": "lookup", "tool_call_id": "call0", "content": lookup(item, room)},
                 {"role": "assistant", "content": answer_text(item, room, color_of(item, room))}]
     return [user, {"role": "assistant", "content": answer_text(item, room, rng.choice(COLORS))}]
